@@ -1,0 +1,43 @@
+"""Retrieval metrics: a predicted answer embedding is only useful if it finds the right answer.
+
+Cosine alone says little (the mean answer of an LLM teacher scores ~0.9), so every report
+carries recall@k and MRR over a stated pool, with the chance level beside them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("cos", "recall@1", "recall@5", "mrr")
+
+
+def ranks(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each row's true candidate among `pool` by cosine (ties count against us).
+
+    pred (N, E), pool (P, E), target (N,) indices into pool.
+    """
+    scores = F.normalize(pred.float(), dim=-1) @ F.normalize(pool.float(), dim=-1).T  # (N, P)
+    true = scores.gather(1, target.view(-1, 1))  # (N, 1)
+    return 1 + (scores > true).sum(1) + ((scores == true).sum(1) - 1)
+
+
+def retrieval_metrics(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    r = ranks(pred, pool, target).float()
+    cos = F.cosine_similarity(pred.float(), pool[target].float(), dim=-1)
+    return {
+        "cos": cos.mean().item(),
+        "recall@1": (r <= 1).float().mean().item(),
+        "recall@5": (r <= 5).float().mean().item(),
+        "mrr": (1.0 / r).mean().item(),
+    }
+
+
+def chance_metrics(pool_size: int) -> dict[str, float]:
+    """What a random ranking scores in expectation over a pool of `pool_size`."""
+    harmonic = sum(1.0 / k for k in range(1, pool_size + 1))
+    return {
+        "recall@1": 1.0 / pool_size,
+        "recall@5": min(5, pool_size) / pool_size,
+        "mrr": harmonic / pool_size,
+    }

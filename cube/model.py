@@ -1,0 +1,199 @@
+"""The cellular cube: one shared NCA update rule on a 3D lattice, between two adapters.
+
+    question embedding (E) ──encoder──▶ front face (k×H×W), re-injected every step
+    lattice state (C×D×H×W) ──T steps of  x ← x + fire_mask · rule(perceive(x))
+    back face (k×H×W) ──decoder──▶ predicted answer embedding (E)
+
+All cells share one rule; the lattice update is a handful of conv3d calls, never a
+per-cell loop. Embeddings are centred with training-split means that live in the model's
+buffers (and so in the checkpoint), because raw LLM states are dominated by their mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CubeConfig:
+    width: int = 15
+    height: int = 15
+    depth: int = 11
+    channels: int = 8  # state channels per cell
+    hidden: int = 32  # width of the per-cell MLP
+    io_channels: int = 4  # channels injected at the front face and read at the back face
+    steps: int = 12  # must be >= depth - 1 so the front can reach the back
+    perception: Literal["learned", "sobel"] = "learned"
+    fire_rate: float = 0.75  # probability that a cell updates on a training step
+    transport_init: bool = True  # untrained rule copies each cell's front neighbour (see README)
+    residual: bool = True  # predict question + correction rather than the answer from scratch
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height", "depth", "channels", "hidden", "io_channels", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.io_channels > self.channels:
+            raise ValueError(f"io_channels ({self.io_channels}) cannot exceed channels ({self.channels})")
+        if self.steps < self.depth - 1:
+            raise ValueError(
+                f"steps={self.steps} < depth-1={self.depth - 1}: information injected at the front "
+                "face moves one cell per step and would never reach the back face"
+            )
+        if not 0.0 < self.fire_rate <= 1.0:
+            raise ValueError(f"fire_rate must be in (0, 1], got {self.fire_rate}")
+        if self.perception not in ("learned", "sobel"):
+            raise ValueError(f"perception must be 'learned' or 'sobel', got {self.perception!r}")
+        if self.transport_init and self.perception != "learned":
+            raise ValueError("transport_init needs perception='learned' (fixed Sobel filters have no front tap); set transport_init=false")
+
+    @property
+    def face(self) -> int:
+        return self.width * self.height
+
+
+class CubeOutput(NamedTuple):
+    pred: torch.Tensor  # (B, E) predicted answer embedding, centred space
+    back: torch.Tensor  # (B, k, H, W) back face read out
+    last_update: torch.Tensor  # (B, C, D, H, W) the final step's dx (after the fire mask)
+
+
+def _identity_kernel() -> torch.Tensor:
+    k = torch.zeros(1, 3, 3, 3)
+    k[0, 1, 1, 1] = 1.0
+    return k
+
+
+def _sobel_kernels() -> torch.Tensor:
+    """Fixed 3D Sobel filters ∂/∂z, ∂/∂y, ∂/∂x (Growing NCA's perception, in 3D)."""
+    smooth = torch.tensor([1.0, 2.0, 1.0])
+    diff = torch.tensor([-1.0, 0.0, 1.0])
+    dz = torch.einsum("i,j,k->ijk", diff, smooth, smooth)
+    dy = torch.einsum("i,j,k->ijk", smooth, diff, smooth)
+    dx = torch.einsum("i,j,k->ijk", smooth, smooth, diff)
+    return torch.stack([dz, dy, dx]) / 16.0  # (3, 3, 3, 3)
+
+
+class UpdateRule(nn.Module):
+    """The one rule every cell shares: perceive the 3×3×3 neighbourhood, then a per-cell MLP.
+
+    Perception and the MLP's first layer are one dense conv3d (the learned-perception NCA of
+    Randazzo et al.), because on CPU a dense conv runs ~5× closer to matmul peak than a
+    depthwise conv followed by 1×1 layers. The same conv also yields a linear path to dx.
+
+    `transport_init` starts that linear path as "copy the front neighbour", so an untrained cube
+    already carries the injected question to the back face in depth-1 steps. With a
+    zero-initialised MLP alone (the Growing-NCA recipe) the back face starts at zero and its
+    gradient w.r.t. the rule vanishes to order depth-1: the cube never starts learning.
+    """
+
+    def __init__(self, cfg: CubeConfig) -> None:
+        super().__init__()
+        c, h = cfg.channels, cfg.hidden
+        self.cfg = cfg
+        if cfg.perception == "sobel":  # fixed identity + three gradient filters per channel
+            kernels = torch.cat([_identity_kernel(), _sobel_kernels()]).repeat(c, 1, 1, 1).unsqueeze(1)
+            self.register_buffer("sobel", kernels)  # (4C, 1, 3, 3, 3)
+            self.perceive = nn.Conv3d(4 * c, h + c, kernel_size=1)
+        else:
+            self.perceive = nn.Conv3d(c, h + c, kernel_size=3, padding=1)
+        self.update = nn.Conv3d(h, c, kernel_size=1)
+        nn.init.zeros_(self.update.weight)  # untrained MLP is a no-op (Growing NCA)
+        nn.init.zeros_(self.update.bias)
+        with torch.no_grad():
+            self.perceive.weight[h:].zero_()  # the linear path starts silent ...
+            self.perceive.bias[h:].zero_()
+            if cfg.transport_init:  # ... or as transport along depth: dx = front − self
+                channel = torch.arange(c)
+                self.perceive.weight[h + channel, channel, 0, 1, 1] = 1.0
+                self.perceive.weight[h + channel, channel, 1, 1, 1] = -1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.perception == "sobel":
+            x = F.conv3d(x, self.sobel, padding=1, groups=self.cfg.channels)  # (B, 4C, D, H, W)
+        h = self.perceive(x)  # (B, hidden + C, D, H, W)
+        hidden, linear = h[:, : self.cfg.hidden], h[:, self.cfg.hidden :]
+        return self.update(F.relu(hidden)) + linear  # (B, C, D, H, W)
+
+
+class CellularCube(nn.Module):
+    def __init__(self, cfg: CubeConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_dim = embed_dim
+        k, face = cfg.io_channels, cfg.face
+        self.encoder = nn.Linear(embed_dim, k * face)
+        self.decoder = nn.Linear(k * face, embed_dim)
+        if cfg.residual:  # start exactly at the identity baseline, then improve on it
+            nn.init.zeros_(self.decoder.weight)
+            nn.init.zeros_(self.decoder.bias)
+        self.rule = UpdateRule(cfg)
+        # Centring statistics from the training split; set by `set_centering`, saved with the weights.
+        self.register_buffer("q_mean", torch.zeros(embed_dim))
+        self.register_buffer("a_mean", torch.zeros(embed_dim))
+
+    @torch.no_grad()
+    def set_centering(self, q_mean: torch.Tensor, a_mean: torch.Tensor) -> None:
+        self.q_mean.copy_(q_mean)
+        self.a_mean.copy_(a_mean)
+
+    def encode_face(self, v: torch.Tensor) -> torch.Tensor:
+        """Centred embedding (B, E) → surface values (B, k, H, W)."""
+        c = self.cfg
+        return self.encoder(v).view(-1, c.io_channels, c.height, c.width)
+
+    def run_lattice(
+        self, front: torch.Tensor, steps: int | None = None, layer_mask: torch.Tensor | None = None,
+        damage: tuple[int, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run T steps with `front` (B, k, H, W) clamped onto the front face.
+
+        `layer_mask` (D,) scales each depth layer's update (1 = normal, 0 = frozen) and `damage`
+        = (step, mask (D, H, W)) zeroes cells once; both exist for `cube analyze`.
+        Returns the final state (B, C, D, H, W) and the last applied update.
+        """
+        c = self.cfg
+        b = front.shape[0]
+        x = front.new_zeros(b, c.channels, c.depth, c.height, c.width).contiguous(memory_format=torch.channels_last_3d)
+        clamp = torch.zeros_like(x[:1])
+        clamp[:, : c.io_channels, 0] = 1.0  # (1, C, D, H, W): where the question is held
+        inject = F.pad(front, (0, 0, 0, 0, 0, c.channels - c.io_channels)).unsqueeze(2)  # (B, C, 1, H, W)
+        inject = F.pad(inject, (0, 0, 0, 0, 0, c.depth - 1))  # (B, C, D, H, W), zero behind the front
+        dx = torch.zeros_like(x)
+        for t in range(steps or c.steps):
+            x = x * (1 - clamp) + inject  # persistent injection: the front face holds the question
+            dx = self.rule(x)
+            if self.training and c.fire_rate < 1.0:
+                fire = (torch.rand(b, 1, c.depth, c.height, c.width, device=x.device) < c.fire_rate)
+                dx = dx * fire.to(dx.dtype)
+            elif c.fire_rate < 1.0:
+                dx = dx * c.fire_rate  # mean-field update: deterministic evaluation
+            if layer_mask is not None:
+                dx = dx * layer_mask.view(1, 1, -1, 1, 1)
+            x = x + dx
+            if damage is not None and t == damage[0]:
+                x = x * (1 - damage[1].to(x.dtype))
+        return x, dx
+
+    def forward(self, q_centred: torch.Tensor, **lattice_kwargs) -> CubeOutput:
+        """(B, E) centred question → CubeOutput with the centred answer prediction."""
+        c = self.cfg
+        front = self.encode_face(q_centred)
+        state, dx = self.run_lattice(front, **lattice_kwargs)
+        back = state[:, : c.io_channels, -1]  # (B, k, H, W)
+        pred = self.decoder(back.flatten(1))
+        if c.residual:
+            pred = pred + q_centred
+        return CubeOutput(pred, back, dx)
+
+    def predict(self, q: torch.Tensor) -> torch.Tensor:
+        """Raw question embeddings (B, E) → centred answer predictions (B, E)."""
+        return self(q - self.q_mean).pred
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

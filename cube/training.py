@@ -1,0 +1,132 @@
+"""One epoch of cube training, and held-out scoring: plain PyTorch, used as-is by the Ray workers."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+from cube.losses import LossConfig, cube_loss
+from cube.metrics import retrieval_metrics
+from cube.model import CellularCube
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 12
+    batch_size: int = 32  # per worker; InfoNCE negatives come from the same batch
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05  # of all optimiser steps
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 uses a grad scaler (GPU only)
+    patience: int = 0  # epochs without a better val MRR before stopping early; 0 = never stop
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(f"need epochs >= 1 and batch_size >= 2 (InfoNCE needs negatives), got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+def unwrap(model: nn.Module) -> CellularCube:
+    """The CellularCube inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_fraction * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision=fp16 needs a CUDA GPU; use bf16 on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_epoch(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler, loss_cfg: LossConfig, optim_cfg: OptimConfig,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """Train on `batches` of raw (question, answer) embeddings; return mean loss terms,
+    mean gradient norm and samples/s. Syncs with the device once, at the end."""
+    core = unwrap(model)
+    device = core.q_mean.device
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    n_batches, n_samples, start = 0, 0, time.perf_counter()
+    for q, a in batches:
+        q, a = q.to(device, non_blocking=True), a.to(device, non_blocking=True)
+        q_c, a_c = q - core.q_mean, a - core.a_mean
+        with autocast(optim_cfg.precision, device):
+            out = model(q_c)
+            with torch.no_grad():
+                target_face = core.encode_face(a_c)
+            terms = cube_loss(out, a_c, target_face, loss_cfg)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(terms["total"]).backward()
+            scaler.unscale_(opt)
+        else:
+            terms["total"].backward()
+        clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        for k, v in {**terms, "grad_norm": grad_norm}.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        n_batches += 1
+        n_samples += q.shape[0]
+    if n_batches == 0:
+        raise RuntimeError("this worker received no training batches; use fewer workers or a smaller batch_size")
+    elapsed = time.perf_counter() - start
+    out = {f"loss/{k}" if k != "grad_norm" else k: (v / n_batches).item() for k, v in sums.items()}
+    out["samples_per_s"] = n_samples / elapsed
+    out["lr"] = sched.get_last_lr()[0]
+    return out
+
+
+@torch.no_grad()
+def predict(model: CellularCube, q: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Raw questions (N, E) → centred answer predictions (N, E) on the CPU."""
+    model.eval()
+    device = model.q_mean.device
+    return torch.cat([model.predict(chunk.to(device)).float().cpu() for chunk in q.split(batch_size)])
+
+
+@torch.no_grad()
+def score(model: CellularCube, q: torch.Tensor, pool: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Held-out metrics in the cube's centred space: question i's answer is raw `pool[target[i]]`."""
+    return retrieval_metrics(predict(model, q), pool - model.a_mean.cpu(), target)
