@@ -101,7 +101,7 @@ def mlp_hidden_for(dim: int, param_budget: int) -> int:
 
 def mlp(
     train: Split, val: Split, centering: Centering, space: Space, param_budget: int,
-    temperature: float = 0.05, epochs: int = 200, patience: int = 20, seed: int = 0,
+    temperature: float = 0.05, epochs: int = 150, patience: int = 10, seed: int = 0,
 ) -> Predictor:
     """A residual MLP with about the cube's parameter count, trained with the cube's dialogue
     loss (cosine + in-batch InfoNCE) and early-stopped on validation MRR."""

@@ -6,9 +6,10 @@
 Two deployments, so the teacher (the heavy part) scales apart from the API:
 `Encoder` batches questions through the teacher; `AnswerAPI` validates requests and runs the
 cube. Start it with `cube serve --run RUN_DIR`, or `serve run serve.app:build_app run_dir=RUN_DIR`.
+
+No `from __future__ import annotations` here: FastAPI must see the real request model types.
 """
 
-from __future__ import annotations
 
 from typing import Any
 

@@ -1,0 +1,85 @@
+"""Shared fixtures. One real Ray cluster (`ray start --head` on loopback, token auth on) serves
+the whole integration tier: Ray Data, Train, Serve and `ray job submit` all run against it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Token auth for the test cluster, set before anything imports ray: Ray reads the mode once.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", uuid.uuid4().hex)
+# Fail a stuck Train worker-group start instead of hanging the suite.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Embeddings and converted models go to a per-session cache, never ~/.cache."""
+    path = Path(os.environ.get("CUBE_TEST_CACHE") or tmp_path_factory.mktemp("cube-cache"))
+    os.environ["CUBE_CACHE"] = str(path)
+    return path
+
+
+class Cluster:
+    def __init__(self, gcs: str, dashboard: str, env: dict[str, str]) -> None:
+        self.address, self.dashboard, self.env = gcs, dashboard, env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A head node with 2 CPUs on loopback, and this process connected to it as a driver.
+
+    Token authentication stays on (Ray's default since 2.59): a random token is given to the
+    head, this driver and every `ray job submit` through RAY_AUTH_TOKEN (set above).
+    """
+    import ray
+
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--object-store-memory=400000000", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=True)
+            break
+        except Exception as e:
+            print(f"waiting for the ray head: {e}", file=sys.stderr)
+            if time.time() > deadline or head.poll() is not None:
+                head.kill()
+                raise RuntimeError(f"ray head did not come up; see {log.name}")
+            time.sleep(1.0)
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield Cluster(address, f"http://127.0.0.1:{dash}", env)
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        log.close()

@@ -1,0 +1,64 @@
+"""Typed configs: YAML + key=value overrides, strict about keys and types; every YAML loads."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cube.config import load_config, save_config, to_dict
+from jobs.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("cube:\n  steps: 14\noptim:\n  lr: 0.002\n")
+    cfg = load_config(TrainConfig, path, ["optim.epochs=3", "teacher=smollm2", "loss.surface=0", "cube.residual=false"])
+    assert cfg.cube.steps == 14 and cfg.optim.lr == 0.002 and cfg.optim.epochs == 3
+    assert cfg.teacher.name == "smollm2" and cfg.loss.surface == 0.0 and cfg.cube.residual is False
+    assert cfg.cube.width == 15  # untouched default
+
+
+def test_string_fields_keep_strings():
+    assert load_config(TrainConfig, None, ["teacher.name=123"]).teacher.name == "123"
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.epoch=3", "unknown key 'epoch'"),
+    ("optim.epochs=three", "optim.epochs: expected an integer"),
+    ("cube.residual=maybe", "expected true/false"),
+    ("cube=3", "is a section"),
+    ("epochs", "key=value"),
+    ("cube.steps=2", "never reach the back"),
+    ("teacher.pooling=max", "teacher.pooling"),
+])
+def test_bad_overrides_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(TrainConfig, None, [override])
+
+
+def test_unknown_yaml_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("cube:\n  stepz: 14\n")
+    with pytest.raises(ValueError, match=r"cube\.stepz"):
+        load_config(TrainConfig, path)
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(TrainConfig, None, ["optim.epochs=4", "cube.depth=5", "cube.steps=6"])
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(TrainConfig, tmp_path / "out.yaml") == cfg
+
+
+def test_every_yaml_in_the_repo_parses():
+    files = [p for p in ROOT.rglob("*.y*ml") if ".venv" not in p.parts and "runs" not in p.parts]
+    assert files, "expected at least ray_cluster.yaml and configs/*.yaml"
+    for path in files:
+        assert yaml.safe_load(path.read_text()) is not None, path
+
+
+def test_shipped_configs_are_valid_train_configs():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(TrainConfig, path)
+        assert to_dict(cfg)["cube"]["steps"] >= cfg.cube.depth - 1

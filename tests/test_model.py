@@ -1,0 +1,96 @@
+"""The cube itself: shapes, locality, transport, and validation of its config (no Ray)."""
+
+import pytest
+import torch
+
+from cube.model import CellularCube, CubeConfig, count_parameters
+
+SMALL = CubeConfig(width=6, height=5, depth=4, channels=6, hidden=8, io_channels=2, steps=4)
+
+
+def test_shapes_and_residual_start_at_identity():
+    model = CellularCube(SMALL, embed_dim=12).eval()
+    q = torch.randn(3, 12)
+    out = model(q)
+    assert out.pred.shape == (3, 12)
+    assert out.back.shape == (3, 2, 5, 6)
+    assert out.last_update.shape == (3, 6, 4, 5, 6)
+    # zero-initialised decoder + residual: the untrained cube predicts the question itself
+    torch.testing.assert_close(out.pred, q)
+
+
+def test_signal_injected_at_front_reaches_back_after_depth_minus_one_steps():
+    model = CellularCube(SMALL, embed_dim=12).eval()
+    front = torch.randn(2, SMALL.io_channels, SMALL.height, SMALL.width)
+    zeros = torch.zeros_like(front)
+    for steps, reaches in ((SMALL.depth - 2, False), (SMALL.depth - 1, True)):
+        with torch.no_grad():
+            a, _ = model.run_lattice(front, steps=steps)
+            b, _ = model.run_lattice(zeros, steps=steps)
+        moved = (a[:, :, -1] - b[:, :, -1]).abs().max().item()
+        assert (moved > 1e-6) == reaches, (steps, moved)
+
+
+def test_update_is_local_one_cell_per_step():
+    """Perturbing one front cell can only affect cells within `steps` hops (3×3×3 rule)."""
+    cfg = CubeConfig(width=9, height=9, depth=4, channels=4, hidden=8, io_channels=1, steps=3, transport_init=True)
+    model = CellularCube(cfg, embed_dim=4).eval()
+    with torch.no_grad():
+        for p in model.rule.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a generic (non-zero) rule
+        front = torch.zeros(1, 1, 9, 9)
+        poked = front.clone()
+        poked[0, 0, 4, 4] = 1.0
+        a, _ = model.run_lattice(front, steps=2)
+        b, _ = model.run_lattice(poked, steps=2)
+    changed = (a - b).abs().sum(dim=1)[0] > 1e-7  # (D, H, W)
+    zs, ys, xs = changed.nonzero(as_tuple=True)
+    assert changed.any()
+    assert zs.max() <= 2 and (ys - 4).abs().max() <= 2 and (xs - 4).abs().max() <= 2
+
+
+def test_all_cells_share_one_rule():
+    model = CellularCube(CubeConfig(), embed_dim=384)
+    rule_params = count_parameters(model.rule)
+    assert rule_params < 20_000  # one small rule, not one per cell (2,475 cells)
+    assert all(p.dim() == 5 or p.dim() == 1 for p in model.rule.parameters())
+
+
+def test_gradient_reaches_the_rule_through_the_lattice():
+    model = CellularCube(SMALL, embed_dim=12)
+    with torch.no_grad():
+        model.decoder.weight.normal_(0, 0.1)
+    model(torch.randn(4, 12)).pred.pow(2).sum().backward()
+    assert model.rule.perceive.weight.grad.abs().sum() > 0
+    assert model.encoder.weight.grad.abs().sum() > 0
+
+
+def test_fire_mask_is_stochastic_in_training_and_deterministic_in_eval():
+    cfg = CubeConfig(width=5, height=5, depth=3, channels=4, hidden=8, io_channels=1, steps=3, fire_rate=0.5)
+    model = CellularCube(cfg, embed_dim=8)
+    with torch.no_grad():
+        model.decoder.weight.normal_(0, 0.1)
+    q = torch.randn(2, 8)
+    model.train()
+    assert not torch.equal(model(q).pred, model(q).pred)
+    model.eval()
+    assert torch.equal(model(q).pred, model(q).pred)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"steps": 3, "depth": 11}, "never reach the back"),
+    ({"io_channels": 9, "channels": 8}, "cannot exceed"),
+    ({"fire_rate": 0.0}, "fire_rate"),
+    ({"perception": "sobel"}, "transport_init"),
+    ({"width": 0}, "width"),
+])
+def test_bad_config_is_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        CubeConfig(**bad)
+
+
+def test_sobel_perception_runs_without_transport():
+    cfg = CubeConfig(width=5, height=5, depth=3, channels=4, hidden=8, io_channels=1, steps=3,
+                     perception="sobel", transport_init=False)
+    out = CellularCube(cfg, embed_dim=8)(torch.randn(2, 8))
+    assert out.pred.shape == (2, 8)

@@ -1,0 +1,123 @@
+"""Integration tier: the real pipeline on the shared Ray cluster, with the real MiniLM teacher.
+
+Embedding (Ray Data) → training (2-worker Ray Train, gloo) → `cube eval --json` → Ray Serve
+over real HTTP. The trained run is made once per module and shared by the tests below.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from conftest import ROOT, free_port
+from cube import store
+from cube.config import load_config
+from cube.data import SHIPPED_DATASET, text_id
+from cube.teacher import Teacher, TeacherConfig
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def trained_run(ray_cluster, tmp_path_factory):
+    from jobs.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("runs") / "smoke"
+    cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", ["optim.epochs=3"])
+    report = train(SHIPPED_DATASET, run, cfg)
+    return run, report
+
+
+def test_embedding_stage_writes_a_resumable_parquet_store(ray_cluster, tmp_path):
+    from jobs.embed import PipelineOptions, embed_texts
+
+    texts = pd.read_json(ROOT / "tests" / "data" / "tiny.jsonl", lines=True)["question"].tolist()
+    teacher = TeacherConfig()
+    folder = embed_texts(texts[:5], teacher, PipelineOptions(batch_size=2), tmp_path / "store")
+    assert store.existing_ids(folder) == {text_id(t) for t in texts[:5]}
+    first_parts = set(store.parts(folder))
+    embed_texts(texts, teacher, PipelineOptions(batch_size=2), folder)  # 3 new texts only
+    assert first_parts < set(store.parts(folder))
+    table = store.read_all(folder)
+    assert table.num_rows == len(texts)  # nothing embedded twice
+    assert json.loads(table.schema.metadata[store.TEACHER_KEY]) == teacher.identity()
+    # the vectors are the teacher's own: same as embedding in this process
+    got = store.lookup(folder, [text_id(texts[0])])[text_id(texts[0])]
+    np.testing.assert_allclose(got, Teacher(teacher).embed([texts[0]]).vectors[0], atol=1e-5)
+
+
+def test_training_beats_mean_answer_and_loss_falls(trained_run):
+    run, report = trained_run
+    cube, mean = report["cube"]["mrr"], report["baselines"]["mean_answer"]["mrr"]
+    assert cube > mean + 0.3, (cube, mean)
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1, 2, 3]
+    assert metrics["loss_total"].iloc[-1] < metrics["loss_total"].iloc[0]
+    for name in ("model/model.safetensors", "model/config.json", "last/config.json", "split.parquet",
+                 "config.yaml", "eval.json", "curves.png"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "model" / "config.json").read_text())["teacher"]["name"] == "minilm"
+
+
+def test_eval_json_shape(trained_run):
+    run, _ = trained_run
+    out = subprocess.run([sys.executable, "-m", "jobs.eval", "--run", str(run), "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["pool_size"] == report["n_questions"] > 50
+    keys = {"cos", "recall@1", "recall@5", "mrr"}
+    assert set(report["cube"]) == keys
+    assert {"identity", "mean_answer", "ridge", "mlp"} <= set(report["baselines"])
+    assert all(set(m) == keys for m in report["baselines"].values())
+    assert len(report["examples"]) == 5
+
+
+def test_eval_on_another_file_uses_every_row(trained_run):
+    from jobs.eval import evaluate_run
+
+    run, _ = trained_run
+    report = evaluate_run(run, ROOT / "tests" / "data" / "tiny.jsonl")
+    assert report["pool_size"] == 8 and report["cube"]["mrr"] > report["chance"]["mrr"]
+
+
+def test_serve_answers_over_http(trained_run):
+    from jobs.serve import start, stop
+
+    run, _ = trained_run
+    url = start(run, port=free_port())
+    try:
+        health = requests.get(f"{url}/healthz", timeout=30)
+        assert health.status_code == 200 and health.json()["bank_size"] > 500
+        train_answers = set(pd.read_parquet(run / "split.parquet").query("split == 'train'")["answer"])
+        r = requests.post(f"{url}/v1/answer", json={"question": "Why is the sky blue?"}, timeout=60)
+        assert r.status_code == 200
+        body = r.json()
+        assert body["answer"] in train_answers and -1.0 <= body["score"] <= 1.0
+        assert "scatter" in body["answer"].lower()  # a sensible answer, not just any bank entry
+        for bad in ({"question": ""}, {"question": "   "}, {"question": 42}, {}):
+            r = requests.post(f"{url}/v1/answer", json=bad, timeout=30)
+            assert r.status_code == 422, (bad, r.status_code)
+            assert "question" in r.text
+    finally:
+        stop()
+
+
+def test_ray_job_submit_runs_an_entrypoint(ray_cluster, tmp_path):
+    out = tmp_path / "store"
+    runtime_env = json.dumps({"env_vars": {"CUBE_CACHE": str(tmp_path / "cache")}})
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
+         "--working-dir", str(ROOT), "--runtime-env-json", runtime_env, "--",
+         "python", "-m", "jobs.embed", "tests/data/tiny.jsonl", "--output", str(out)],
+        env=ray_cluster.env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "succeeded" in proc.stdout + proc.stderr
+    assert store.read_all(out).num_rows == 16  # 8 questions + 8 answers
