@@ -19,7 +19,7 @@ class LossConfig:
     dialogue: float = 1.0  # predicted vs true answer embedding: cosine + in-batch InfoNCE
     surface: float = 0.1  # back face vs the adapter's projection of the answer (stop-gradient)
     internal: float = 0.01  # mean squared last-step update: the lattice should settle
-    temperature: float = 0.05  # InfoNCE temperature
+    temperature: float = 0.1  # InfoNCE temperature (0.1 beat 0.05 by ~0.008 MRR on smollm2, 2 seeds)
     infonce_weight: float = 1.0  # share of InfoNCE inside the dialogue term
 
     def __post_init__(self) -> None:

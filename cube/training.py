@@ -18,7 +18,7 @@ from cube.model import CellularCube
 
 @dataclass(frozen=True)
 class OptimConfig:
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 32  # per worker; InfoNCE negatives come from the same batch
     lr: float = 1e-3
     weight_decay: float = 0.01
