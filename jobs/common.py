@@ -38,7 +38,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address)
     else:
         log.info("starting an embedded local Ray cluster (set RAY_ADDRESS to use an existing one)")
-        ray.init(num_cpus=num_cpus)
+        # address="local": always a fresh cluster, never a stale one left in /tmp/ray by a crash.
+        ray.init(address="local", num_cpus=num_cpus)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -73,14 +73,19 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    import ray.data
+
     setup_logging()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one log line per epoch instead
     cfg = from_dict(TrainConfig, config["cfg"])
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     model = CellularCube(cfg.cube, config["embed_dim"])
     model.set_centering(torch.tensor(config["q_mean"]), torch.tensor(config["a_mean"]))
-    model.to(device)
+    # channels-last 3D is ~15% faster for conv3d on CPU; converting the parameters too keeps
+    # DDP's gradient buckets in the same layout as the gradients.
+    model.to(device, memory_format=torch.channels_last_3d)
     opt, sched = make_optimizer(model, cfg.optim, config["steps_per_epoch"])
     state = {"epoch": 0, "best_val_mrr": -1.0, "bad_epochs": 0}
     checkpoint = ray.train.get_checkpoint()

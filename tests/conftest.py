@@ -83,3 +83,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         except subprocess.TimeoutExpired:
             head.kill()
         log.close()
+        # `ray start --block` leaves its address behind; a later bare ray.init() would chase it.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and str(port) in current.read_text():
+            current.unlink()
