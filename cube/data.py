@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -41,18 +41,19 @@ class DataConfig:
             )
 
 
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line} is not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from e
+def _lines(path: Path):
+    """(line number, decoded line) without reading the whole file."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {n} is not valid UTF-8 (byte {e.start} of the line); "
+                                "re-save the file as UTF-8") from e
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    for n, line in enumerate(_decode(path).splitlines(), start=1):
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    for n, line in _lines(path):
         if not line.strip():
             continue
         try:
@@ -61,38 +62,46 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from e
         if not isinstance(obj, dict):
             raise DataError(f"{path}: line {n} must be a JSON object, got {type(obj).__name__}")
-        rows.append((n, obj))
-    return rows
+        yield n, obj
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict]]:
-    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
-    return [(reader.line_num, dict(row)) for row in reader]
+def _iter_csv(path: Path) -> Iterator[tuple[int, dict]]:
+    reader = csv.DictReader(line for _, line in _lines(path))
+    for row in reader:
+        yield reader.line_num, dict(row)
 
 
-def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+def _iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
     try:
-        table = pq.read_table(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        offset = 0
+        for batch in batches:
+            for i, row in enumerate(batch.to_pylist()):
+                yield offset + i + 1, row
+            offset += batch.num_rows
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for a broken file
         raise DataError(f"{path}: cannot be read as Parquet ({e})") from e
-    return [(i + 1, row) for i, row in enumerate(table.to_pylist())]
 
 
-READERS = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
+READERS = {".jsonl": _iter_jsonl, ".json": _iter_jsonl, ".csv": _iter_csv, ".parquet": _iter_parquet}
 
 
-def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """(row number, record) pairs from a JSONL, CSV or Parquet file."""
+def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(row number, record) pairs streamed from a JSONL, CSV or Parquet file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported extension {path.suffix!r}; use one of {sorted(READERS)}")
-    rows = reader(path)
-    if not rows:
+    empty = True
+    for item in reader(path):
+        empty = False
+        yield item
+    if empty:
         raise DataError(f"{path}: the file holds no rows")
-    return rows
 
 
 def _text(path: Path, row: int, record: dict, col: str, required: bool = True) -> str:
@@ -112,24 +121,31 @@ def _text(path: Path, row: int, record: dict, col: str, required: bool = True) -
     return value
 
 
-def load_qa(path: str | Path, cfg: DataConfig = DataConfig(), require_answer: bool = True) -> pd.DataFrame:
-    """Validated pairs as a DataFrame with columns question, answer, topic, row.
+def iter_pairs(path: str | Path, cfg: DataConfig = DataConfig(), require_answer: bool = True) -> Iterator[dict]:
+    """Validated rows {question, answer, topic, row}, streamed; memory grows only with a
+    16-byte digest per row (for the duplicate check).
 
     Raises:
         DataError: missing column, empty or non-text value, non-UTF-8 bytes, duplicate pair.
     """
     path = Path(path)
-    records = []
-    seen: dict[tuple[str, str], int] = {}
-    for row, rec in read_records(path):
+    seen: dict[bytes, int] = {}
+    for row, rec in iter_records(path):
         q = _text(path, row, rec, cfg.question_col)
         a = _text(path, row, rec, cfg.answer_col, required=require_answer)
         topic = _text(path, row, rec, cfg.topic_col, required=False)
-        if (q, a) in seen:
-            raise DataError(f"{path}: row {row} repeats the pair at row {seen[(q, a)]}; remove the duplicate")
-        seen[(q, a)] = row
-        records.append({"question": q, "answer": a, "topic": topic, "row": row})
-    return pd.DataFrame.from_records(records)
+        digest = hashlib.blake2b(f"{q}\x00{a}".encode(), digest_size=16).digest()
+        if digest in seen:
+            what = "pair" if require_answer else "question"
+            raise DataError(f"{path}: row {row} repeats the {what} at row {seen[digest]}; remove the duplicate")
+        seen[digest] = row
+        yield {"question": q, "answer": a, "topic": topic, "row": row}
+
+
+def load_qa(path: str | Path, cfg: DataConfig = DataConfig(), require_answer: bool = True) -> pd.DataFrame:
+    """Validated pairs as a DataFrame with columns question, answer, topic, row (see iter_pairs)."""
+    return pd.DataFrame.from_records(list(iter_pairs(path, cfg, require_answer)),
+                                     columns=["question", "answer", "topic", "row"])
 
 
 def _rank_key(text: str, seed: int) -> str:

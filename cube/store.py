@@ -49,6 +49,8 @@ def open_store(folder: str | Path, identity: dict[str, Any]) -> Path:
     """
     folder = Path(folder)
     meta = folder / "teacher.json"
+    for stale in folder.glob(".part-*.tmp"):  # from a run killed mid-write; never counted as a part
+        stale.unlink()
     if meta.is_file():
         stored = json.loads(meta.read_text())
         if stored != identity:
@@ -88,7 +90,7 @@ def to_table(ids: list[str], texts: list[str], vectors: np.ndarray, truncated: n
 def write_part(folder: Path, table: pa.Table) -> Path:
     """Atomically add one part to the store."""
     name = f"part-{uuid.uuid4().hex}.parquet"
-    tmp = Path(folder) / f".{name}.tmp"
+    tmp = Path(folder) / f".{name}.tmp"  # matches the stale-file sweep in open_store
     pq.write_table(table, tmp)
     os.replace(tmp, Path(folder) / name)
     return Path(folder) / name

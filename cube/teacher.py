@@ -204,3 +204,16 @@ class Teacher:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return Embeddings(vectors.cpu().numpy().astype(np.float32), truncated)
 
+
+
+def load_teacher(cfg: TeacherConfig, device: str = "cpu") -> "Teacher":
+    """The teacher for `cfg.backend`; vllm is imported only when asked for.
+
+    Raises:
+        TeacherError: the backend cannot run here (no GPU, vllm missing) or the model does not load.
+    """
+    if cfg.backend == "vllm":
+        from cube.vllm_teacher import VLLMTeacher
+
+        return VLLMTeacher(cfg)  # type: ignore[return-value]
+    return Teacher(cfg, device)

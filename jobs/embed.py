@@ -1,11 +1,17 @@
-"""Embed texts with a teacher through Ray Data, into a resumable Parquet embedding store.
+"""Embed a Q&A file with a teacher through Ray Data, into a resumable Parquet embedding store.
 
-    texts ─▶ skip ids already in the store ─▶ map_batches(TeacherActor, actor pool) ─▶ StoreSink
+    read file ─▶ texts + ids ─▶ SkipDone ─▶ TeacherActor (actor pool) ─▶ StoreSink (atomic parts)
 
-The teacher loads once per actor. The sink writes each block as its own Parquet part under a
-temporary name and renames it into place, so an interrupted run keeps every finished block.
+The file is streamed, never held in memory; the teacher loads once per actor; every block
+becomes its own Parquet part, written under a temporary name and renamed into place. Kill a
+run halfway and rerun it: finished parts stay, and only texts no part holds are embedded.
 
-    python -m jobs.embed data/qa.jsonl --output embeddings/ --set teacher=smollm2
+With --generate-answers the file needs only questions: an instruct teacher writes an answer
+for each (greedy, bounded length), stored in OUTPUT/generated/ with the generator's name, and
+collected into OUTPUT/qa.parquet, which `cube train --data` accepts.
+
+    cube embed data/qa.jsonl --output emb/ --teacher smollm2 --concurrency 2 --batch-size 32
+    cube embed questions.jsonl --output gen/ --generate-answers --generator smollm2
 """
 
 from __future__ import annotations
@@ -13,17 +19,21 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cube import store
 from cube.config import from_dict, to_dict
-from cube.data import DataConfig, load_qa, text_id
-from cube.teacher import Teacher, TeacherConfig
+from cube.data import DataConfig, iter_pairs, text_id
+from cube.generate import AnswerWriter, GeneratorConfig
+from cube.teacher import TeacherConfig, load_teacher
 from jobs.common import add_config_flags, config_from_args, ensure_ray, setup_logging
 
 log = logging.getLogger("cube.embed")
@@ -31,7 +41,7 @@ log = logging.getLogger("cube.embed")
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """How the Ray Data embedding stage runs (not what it computes)."""
+    """How the Ray Data stages run (not what they compute)."""
 
     concurrency: int = 1  # teacher actors in the pool
     batch_size: int = 64  # texts per teacher call
@@ -49,49 +59,131 @@ class EmbedConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    generate_answers: bool = False
+
+
+# ---------------------------------------------------------------- Ray Data stages
 
 
 class TeacherActor:
-    """Ray Data callable class: one teacher per actor, reused for every batch."""
+    """One teacher per actor, reused for every batch."""
 
     def __init__(self, teacher: dict[str, Any], device: str) -> None:
-        self.teacher = Teacher(from_dict(TeacherConfig, teacher), device)
+        self.teacher = load_teacher(from_dict(TeacherConfig, teacher), device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.teacher.embed([str(t) for t in batch["text"]])
         return {"id": batch["id"], "text": batch["text"], "vector": out.vectors, "truncated": out.truncated}
 
 
-def _store_sink(folder: Path, identity: dict[str, Any]):
-    from ray.data import Datasink
-    from ray.data.block import BlockAccessor
+class WriterActor:
+    """One instruct model per actor; answers each question of the batch."""
 
-    class StoreSink(Datasink):
-        """Each write task adds complete parts to the store, atomically."""
+    def __init__(self, generator: dict[str, Any], device: str) -> None:
+        self.cfg = from_dict(GeneratorConfig, generator)
+        self.writer = AnswerWriter(self.cfg, device)
 
-        def write(self, blocks: Iterable, ctx) -> int:
-            rows = 0
-            for block in blocks:
-                df = BlockAccessor.for_block(block).to_pandas()
-                if len(df) == 0:
-                    continue
-                vectors = np.stack(df["vector"].to_numpy()).astype(np.float32)
-                table = store.to_table(df["id"].tolist(), df["text"].tolist(), vectors,
-                                       df["truncated"].to_numpy(bool), identity)
-                store.write_part(folder, table)
-                rows += len(df)
-            return rows
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return batch.assign(answer=self.writer.answer(batch["question"].tolist()), generator=self.cfg.name)
 
-        @property
-        def supports_distributed_writes(self) -> bool:
-            return False  # a local store folder lives on the driver's node
 
-    return StoreSink()
+class SkipDone:
+    """Drops rows whose id a folder of parts already holds (loaded once per actor)."""
+
+    def __init__(self, folder: str) -> None:
+        self.done = store.existing_ids(Path(folder))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return batch[~batch["id"].isin(self.done)]
+
+
+def texts_of(columns: tuple[str, ...]) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def explode(batch: pd.DataFrame) -> pd.DataFrame:
+        texts = pd.unique(pd.concat([batch[c].astype(str).str.strip() for c in columns]))
+        return pd.DataFrame({"id": [text_id(t) for t in texts], "text": texts})
+
+    return explode
+
+
+def with_question_ids(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def add(batch: pd.DataFrame) -> pd.DataFrame:
+        q = batch[column].astype(str).str.strip()
+        return pd.DataFrame({"id": [text_id(t) for t in q], "question": q})
+
+    return add
+
+
+class PartSink:
+    """A Datasink that turns each block into one complete Parquet part in `folder`."""
+
+    def __new__(cls, folder: Path, make_table: Callable[[pd.DataFrame], pa.Table]):
+        from ray.data import Datasink
+        from ray.data.block import BlockAccessor
+
+        class _PartSink(Datasink):
+            def write(self, blocks: Iterable, ctx) -> int:
+                rows = 0
+                for block in blocks:
+                    df = BlockAccessor.for_block(block).to_pandas()
+                    if len(df):
+                        store.write_part(folder, make_table(df))
+                        rows += len(df)
+                return rows
+
+            @property
+            def supports_distributed_writes(self) -> bool:
+                return False  # a local folder lives on the driver's node
+
+        return _PartSink()
+
+
+def store_table(identity: dict[str, Any]) -> Callable[[pd.DataFrame], pa.Table]:
+    def make(df: pd.DataFrame) -> pa.Table:
+        vectors = np.stack(df["vector"].to_numpy()).astype(np.float32)
+        return store.to_table(df["id"].tolist(), df["text"].tolist(), vectors, df["truncated"].to_numpy(bool), identity)
+
+    return make
+
+
+def generated_table(df: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(df[["id", "question", "answer", "generator"]], preserve_index=False)
+
+
+def read_file(path: Path, columns: list[str]):
+    """A streaming Ray dataset of `columns` (all read as text) from JSONL, CSV or Parquet."""
+    import pyarrow.csv as pcsv
+    import ray.data
+
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        ds = ray.data.read_json(str(path), lines=True)
+    elif suffix == ".csv":
+        types = {c: pa.string() for c in columns}
+        ds = ray.data.read_csv(str(path), convert_options=pcsv.ConvertOptions(column_types=types))
+    else:
+        ds = ray.data.read_parquet(str(path), columns=columns)
+    return ds.select_columns(columns)
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder: Path) -> None:
+    import ray.data
+
+    device = "cuda" if opts.num_gpus > 0 else "cpu"
+    texts = texts.map_batches(SkipDone, fn_constructor_kwargs={"folder": str(folder)}, batch_format="pandas",
+                              compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+    vectors = texts.map_batches(TeacherActor, fn_constructor_kwargs={"teacher": to_dict(teacher), "device": device},
+                                batch_size=opts.batch_size, compute=ray.data.ActorPoolStrategy(size=opts.concurrency),
+                                num_gpus=opts.num_gpus or None)
+    vectors.write_datasink(PartSink(folder, store_table(teacher.identity())))
 
 
 def embed_texts(texts: Iterable[str], teacher: TeacherConfig, opts: PipelineOptions, folder: Path | None = None) -> Path:
-    """Make sure every text has a vector in the store; returns the store folder."""
-    import ray
+    """Make sure every text (held in memory) has a vector in the store; returns the store folder."""
+    import ray.data
 
     identity = teacher.identity()
     folder = store.open_store(folder or store.default_store(identity), identity)
@@ -100,16 +192,10 @@ def embed_texts(texts: Iterable[str], teacher: TeacherConfig, opts: PipelineOpti
     todo = [{"id": i, "text": t} for i, t in unique.items() if i not in done]
     log.info("embedding store %s: %d texts wanted, %d already embedded, %d to embed",
              folder, len(unique), len(unique) - len(todo), len(todo))
-    if not todo:
-        return folder
-    ensure_ray()
-    device = "cuda" if opts.num_gpus > 0 else "cpu"
-    blocks = max(1, math.ceil(len(todo) / (opts.batch_size * 4)))  # small blocks: resume loses little
-    ds = ray.data.from_items(todo, override_num_blocks=blocks)
-    ds = ds.map_batches(TeacherActor, fn_constructor_kwargs={"teacher": to_dict(teacher), "device": device},
-                        batch_size=opts.batch_size, compute=ray.data.ActorPoolStrategy(size=opts.concurrency),
-                        num_gpus=opts.num_gpus or None)
-    ds.write_datasink(_store_sink(folder, identity))
+    if todo:
+        ensure_ray()
+        blocks = max(1, math.ceil(len(todo) / (opts.batch_size * 4)))  # small blocks: a resume loses little
+        _embed_dataset(ray.data.from_items(todo, override_num_blocks=blocks), teacher, opts, folder)
     return folder
 
 
@@ -134,10 +220,59 @@ def embed_pairs(df: pd.DataFrame, teacher: TeacherConfig, opts: PipelineOptions,
     return vectors_for(folder, questions), vectors_for(folder, answers)
 
 
+def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
+    """Answer every question of `path` with the generator; returns OUTPUT/qa.parquet."""
+    import ray.data
+
+    parts = out / "generated"
+    parts.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if cfg.pipeline.num_gpus > 0 else "cpu"
+    questions = read_file(path, [cfg.data.question_col]).map_batches(
+        with_question_ids(cfg.data.question_col), batch_format="pandas")
+    todo = questions.map_batches(SkipDone, fn_constructor_kwargs={"folder": str(parts)}, batch_format="pandas",
+                                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+    answered = todo.map_batches(WriterActor, fn_constructor_kwargs={"generator": to_dict(cfg.generator), "device": device},
+                                batch_size=8, batch_format="pandas", num_gpus=cfg.pipeline.num_gpus or None,
+                                compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.concurrency))
+    answered.write_datasink(PartSink(parts, generated_table))
+    table = pa.concat_tables([pq.read_table(p) for p in store.parts(parts)])
+    qa = table.drop_columns(["id"])
+    target = out / "qa.parquet"
+    tmp = out / f".qa.parquet.tmp{os.getpid()}"
+    pq.write_table(qa, tmp)
+    os.replace(tmp, target)
+    log.info("%d teacher-written answers (generator %s) → %s", qa.num_rows, cfg.generator.name, target)
+    return target
+
+
+def embed_file(path: Path, out: Path, cfg: EmbedConfig) -> dict[str, Any]:
+    """Validate, (generate answers,) embed; returns a summary. Nothing is written if validation fails."""
+    rows = sum(1 for _ in iter_pairs(path, cfg.data, require_answer=not cfg.generate_answers))
+    identity = cfg.teacher.identity()
+    store.open_store(out, identity)
+    ensure_ray()
+    columns = [cfg.data.question_col, cfg.data.answer_col]
+    if cfg.generate_answers:
+        path, columns = generate_answers(path, out, cfg), ["question", "answer"]
+    before = len(store.existing_ids(out))
+    texts = read_file(path, columns).map_batches(texts_of(tuple(columns)), batch_format="pandas")
+    _embed_dataset(texts, cfg.teacher, cfg.pipeline, out)
+    table = store.read_all(out, columns=["id", "truncated"])
+    return {"rows": rows, "texts_in_store": table.num_rows, "embedded_now": table.num_rows - before,
+            "truncated": int(sum(table.column("truncated").to_pylist())), "max_length": cfg.teacher.max_length,
+            "store": str(out), "teacher": identity}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cube embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", type=Path, help="Q&A file: JSONL, CSV or Parquet with question/answer columns")
-    p.add_argument("--output", type=Path, required=True, help="embedding store folder (created; reruns add only new texts)")
+    p.add_argument("input", type=Path, help="JSONL, CSV or Parquet with question (and answer) columns")
+    p.add_argument("--output", type=Path, required=True, help="store folder (created; a rerun adds only new texts)")
+    p.add_argument("--teacher", help="minilm | smollm2 | a Hugging Face id | a local folder (= --set teacher.name=...)")
+    p.add_argument("--concurrency", type=int, help="teacher actors in the pool (= --set pipeline.concurrency=...)")
+    p.add_argument("--batch-size", type=int, help="texts per teacher call (= --set pipeline.batch_size=...)")
+    p.add_argument("--num-gpus", type=float, help="GPUs per actor (= --set pipeline.num_gpus=...)")
+    p.add_argument("--generate-answers", action="store_true", help="have an instruct teacher write the answers first")
+    p.add_argument("--generator", help="chat model that writes answers (= --set generator.name=...; default smollm2)")
     add_config_flags(p)
     return p
 
@@ -145,12 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    sugar = {"teacher.name": args.teacher, "pipeline.concurrency": args.concurrency, "pipeline.batch_size": args.batch_size,
+             "pipeline.num_gpus": args.num_gpus, "generator.name": args.generator,
+             "generate_answers": "true" if args.generate_answers else None}
+    args.overrides = [f"{k}={v}" for k, v in sugar.items() if v is not None] + args.overrides
     cfg = config_from_args(EmbedConfig, args)
-    df = load_qa(args.input, cfg.data)
-    folder = embed_texts(df["question"].tolist() + df["answer"].tolist(), cfg.teacher, cfg.pipeline, args.output)
-    table = store.read_all(folder, columns=["id", "truncated"])
-    print(f"{folder}: {table.num_rows} embedded texts, {sum(table.column('truncated').to_pylist())} truncated "
-          f"at teacher.max_length={cfg.teacher.max_length}")
+    from cube.data import DataError
+    from cube.teacher import TeacherError
+
+    try:
+        summary = embed_file(args.input, args.output, cfg)
+    except (DataError, TeacherError, store.StoreError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{summary['store']}: {summary['rows']} rows, {summary['texts_in_store']} texts in the store "
+          f"({summary['embedded_now']} embedded now), {summary['truncated']} truncated at "
+          f"teacher.max_length={summary['max_length']}")
     return 0
 
 
