@@ -109,7 +109,7 @@ def mlp(
     shift_q = centering.q_mean if space == "centred" else torch.zeros_like(centering.q_mean)
     q, a = train.q - shift_q, centering.answers(train.a, space)
     hidden = mlp_hidden_for(q.shape[1], param_budget)
-    model = ResidualMLP(q.shape[1], hidden)
+    model = ResidualMLP(q.shape[1], hidden).to(q.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
 
@@ -120,7 +120,7 @@ def mlp(
     best_score, best_model, bad = -1.0, copy.deepcopy(model), 0
     for _ in range(epochs):
         model.train()
-        for idx in torch.randperm(len(q), generator=gen).split(64):
+        for idx in torch.randperm(len(q), generator=gen).to(q.device).split(64):
             loss = dialogue_loss(model(q[idx]), a[idx], temperature, 1.0)
             opt.zero_grad()
             loss.backward()

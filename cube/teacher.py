@@ -115,6 +115,10 @@ def dequantized_folder(source: ModelSource) -> ModelSource:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    # The weights are already dequantised to fp32; drop the GGUF marker so transformers saves them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)  # atomic: a half-converted folder is never mistaken for a finished one

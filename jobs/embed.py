@@ -37,6 +37,12 @@ from cube.teacher import TeacherConfig, load_teacher
 from jobs.common import add_config_flags, config_from_args, ensure_ray, setup_logging
 
 log = logging.getLogger("cube.embed")
+# The light stages (read, id, skip, write) take a sliver of a CPU each: with Ray's default of one
+# CPU per task they would wait forever behind a teacher actor on a 2-core machine. The id filter
+# is an actor that idles between batches, so it reserves none. Ray Data's Parquet file listing
+# still asks for a whole CPU and takes no options: see check_room_for_listing.
+LIGHT = {"num_cpus": 0.1}
+IDLE_ACTOR = {"num_cpus": 0}
 
 
 @dataclass(frozen=True)
@@ -46,12 +52,13 @@ class PipelineOptions:
     concurrency: int = 1  # teacher actors in the pool
     batch_size: int = 64  # texts per teacher call
     num_gpus: float = 0.0  # per actor; > 0 runs the teacher on CUDA
+    cpus_per_actor: float = 1.0  # also the actor's torch threads (Ray sets OMP_NUM_THREADS from it)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.batch_size < 1:
             raise ValueError(f"concurrency and batch_size must be >= 1, got {self.concurrency}, {self.batch_size}")
-        if self.num_gpus < 0:
-            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
+        if self.num_gpus < 0 or self.cpus_per_actor <= 0:
+            raise ValueError(f"need num_gpus >= 0 and cpus_per_actor > 0, got {self.num_gpus}, {self.cpus_per_actor}")
 
 
 @dataclass(frozen=True)
@@ -150,20 +157,38 @@ def generated_table(df: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(df[["id", "question", "answer", "generator"]], preserve_index=False)
 
 
-def read_file(path: Path, columns: list[str]):
+def check_room_for_listing(opts: PipelineOptions) -> None:
+    """Ray Data lists Parquet files in a task that needs one whole free CPU (and takes no
+    options); if the teacher actors hold the rest, the read waits forever. Refuse up front.
+
+    Raises:
+        ValueError: naming the settings to change.
+    """
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    held = opts.concurrency * opts.cpus_per_actor
+    if total - held < 1:
+        raise ValueError(f"{opts.concurrency} teacher actors x {opts.cpus_per_actor} CPU leave less than the one free CPU "
+                         f"that Ray Data needs to list a Parquet file (cluster CPUs: {total:g}); lower "
+                         "pipeline.concurrency or pipeline.cpus_per_actor")
+
+
+def read_file(path: Path, columns: list[str], opts: PipelineOptions):
     """A streaming Ray dataset of `columns` (all read as text) from JSONL, CSV or Parquet."""
     import pyarrow.csv as pcsv
     import ray.data
 
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        ds = ray.data.read_json(str(path), lines=True)
+        ds = ray.data.read_json(str(path), lines=True, ray_remote_args=LIGHT)
     elif suffix == ".csv":
         types = {c: pa.string() for c in columns}
-        ds = ray.data.read_csv(str(path), convert_options=pcsv.ConvertOptions(column_types=types))
+        ds = ray.data.read_csv(str(path), convert_options=pcsv.ConvertOptions(column_types=types), ray_remote_args=LIGHT)
     else:
-        ds = ray.data.read_parquet(str(path), columns=columns)
-    return ds.select_columns(columns)
+        check_room_for_listing(opts)
+        ds = ray.data.read_parquet(str(path), columns=columns, ray_remote_args=LIGHT)
+    return ds.select_columns(columns, **LIGHT)
 
 
 # ---------------------------------------------------------------- pipelines
@@ -174,11 +199,11 @@ def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder:
 
     device = "cuda" if opts.num_gpus > 0 else "cpu"
     texts = texts.map_batches(SkipDone, fn_constructor_kwargs={"folder": str(folder)}, batch_format="pandas",
-                              compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+                              compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
     vectors = texts.map_batches(TeacherActor, fn_constructor_kwargs={"teacher": to_dict(teacher), "device": device},
                                 batch_size=opts.batch_size, compute=ray.data.ActorPoolStrategy(size=opts.concurrency),
-                                num_gpus=opts.num_gpus or None)
-    vectors.write_datasink(PartSink(folder, store_table(teacher.identity())))
+                                num_gpus=opts.num_gpus or None, num_cpus=opts.cpus_per_actor)
+    vectors.write_datasink(PartSink(folder, store_table(teacher.identity())), ray_remote_args=LIGHT)
 
 
 def embed_texts(texts: Iterable[str], teacher: TeacherConfig, opts: PipelineOptions, folder: Path | None = None) -> Path:
@@ -227,14 +252,15 @@ def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
     parts = out / "generated"
     parts.mkdir(parents=True, exist_ok=True)
     device = "cuda" if cfg.pipeline.num_gpus > 0 else "cpu"
-    questions = read_file(path, [cfg.data.question_col]).map_batches(
-        with_question_ids(cfg.data.question_col), batch_format="pandas")
+    questions = read_file(path, [cfg.data.question_col], cfg.pipeline).map_batches(
+        with_question_ids(cfg.data.question_col), batch_format="pandas", **LIGHT)
     todo = questions.map_batches(SkipDone, fn_constructor_kwargs={"folder": str(parts)}, batch_format="pandas",
-                                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+                                 compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
     answered = todo.map_batches(WriterActor, fn_constructor_kwargs={"generator": to_dict(cfg.generator), "device": device},
                                 batch_size=8, batch_format="pandas", num_gpus=cfg.pipeline.num_gpus or None,
+                                num_cpus=cfg.pipeline.cpus_per_actor,
                                 compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.concurrency))
-    answered.write_datasink(PartSink(parts, generated_table))
+    answered.write_datasink(PartSink(parts, generated_table), ray_remote_args=LIGHT)
     table = pa.concat_tables([pq.read_table(p) for p in store.parts(parts)])
     qa = table.drop_columns(["id"])
     target = out / "qa.parquet"
@@ -255,7 +281,7 @@ def embed_file(path: Path, out: Path, cfg: EmbedConfig) -> dict[str, Any]:
     if cfg.generate_answers:
         path, columns = generate_answers(path, out, cfg), ["question", "answer"]
     before = len(store.existing_ids(out))
-    texts = read_file(path, columns).map_batches(texts_of(tuple(columns)), batch_format="pandas")
+    texts = read_file(path, columns, cfg.pipeline).map_batches(texts_of(tuple(columns)), batch_format="pandas", **LIGHT)
     _embed_dataset(texts, cfg.teacher, cfg.pipeline, out)
     table = store.read_all(out, columns=["id", "truncated"])
     return {"rows": rows, "texts_in_store": table.num_rows, "embedded_now": table.num_rows - before,
@@ -271,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="teacher actors in the pool (= --set pipeline.concurrency=...)")
     p.add_argument("--batch-size", type=int, help="texts per teacher call (= --set pipeline.batch_size=...)")
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (= --set pipeline.num_gpus=...)")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per actor (= --set pipeline.cpus_per_actor=...)")
     p.add_argument("--generate-answers", action="store_true", help="have an instruct teacher write the answers first")
     p.add_argument("--generator", help="chat model that writes answers (= --set generator.name=...; default smollm2)")
     add_config_flags(p)
@@ -281,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     sugar = {"teacher.name": args.teacher, "pipeline.concurrency": args.concurrency, "pipeline.batch_size": args.batch_size,
-             "pipeline.num_gpus": args.num_gpus, "generator.name": args.generator,
+             "pipeline.num_gpus": args.num_gpus, "pipeline.cpus_per_actor": args.cpus_per_actor,
+             "generator.name": args.generator,
              "generate_answers": "true" if args.generate_answers else None}
     args.overrides = [f"{k}={v}" for k, v in sugar.items() if v is not None] + args.overrides
     cfg = config_from_args(EmbedConfig, args)
@@ -290,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = embed_file(args.input, args.output, cfg)
-    except (DataError, TeacherError, store.StoreError) as e:
+    except (DataError, TeacherError, store.StoreError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{summary['store']}: {summary['rows']} rows, {summary['texts_in_store']} texts in the store "
           f"({summary['embedded_now']} embedded now), {summary['truncated']} truncated at "
