@@ -69,7 +69,7 @@ def ridge(train: Split, val: Split, centering: Centering, space: Space) -> Predi
     q = (train.q - shift_q).double()
     a = centering.answers(train.a, space).double()
     gram, cross = q.T @ q, q.T @ a
-    eye = torch.eye(q.shape[1], dtype=q.dtype)
+    eye = torch.eye(q.shape[1], dtype=q.dtype, device=q.device)
     best: tuple[float, Predictor] | None = None
     for lam in (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0):
         w = torch.linalg.solve(gram + lam * eye, cross).float()

@@ -18,13 +18,13 @@ def ranks(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor) -> torch
     pred (N, E), pool (P, E), target (N,) indices into pool.
     """
     scores = F.normalize(pred.float(), dim=-1) @ F.normalize(pool.float(), dim=-1).T  # (N, P)
-    true = scores.gather(1, target.view(-1, 1))  # (N, 1)
+    true = scores.gather(1, target.to(scores.device).view(-1, 1))  # (N, 1)
     return 1 + (scores > true).sum(1) + ((scores == true).sum(1) - 1)
 
 
 def retrieval_metrics(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     r = ranks(pred, pool, target).float()
-    cos = F.cosine_similarity(pred.float(), pool[target].float(), dim=-1)
+    cos = F.cosine_similarity(pred.float(), pool[target.to(pool.device)].float(), dim=-1)
     return {
         "cos": cos.mean().item(),
         "recall@1": (r <= 1).float().mean().item(),
