@@ -41,6 +41,26 @@ class OptimConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
 
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a restart resumes it exactly."""
+
+    epoch: int = 0  # epochs completed
+    best_val_mrr: float = -1.0
+    bad_epochs: int = 0  # consecutive epochs without a better val MRR
+
+    def update(self, val_mrr: float) -> bool:
+        """Record a finished epoch; True if it set a new best."""
+        improved = val_mrr > self.best_val_mrr
+        self.epoch += 1
+        self.best_val_mrr = max(self.best_val_mrr, val_mrr)
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        return improved
+
+    def should_stop(self, patience: int) -> bool:
+        return patience > 0 and self.bad_epochs >= patience
+
+
 def unwrap(model: nn.Module) -> CellularCube:
     """The CellularCube inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)

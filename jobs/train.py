@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from cube.model import CellularCube, CubeConfig
 from cube.baselines import Split
 from cube.rundir import RunDir, vectors_to_arrow, write_json, write_split
 from cube.teacher import TeacherConfig
-from cube.training import OptimConfig, make_optimizer, score, train_epoch
+from cube.training import OptimConfig, Progress, make_optimizer, score, train_epoch
 from jobs.common import add_config_flags, config_from_args, ensure_ray, setup_logging
 from jobs.embed import PipelineOptions, embed_pairs
 
@@ -87,7 +87,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # DDP's gradient buckets in the same layout as the gradients.
     model.to(device, memory_format=torch.channels_last_3d)
     opt, sched = make_optimizer(model, cfg.optim, config["steps_per_epoch"])
-    state = {"epoch": 0, "best_val_mrr": -1.0, "bad_epochs": 0}
+    progress = Progress()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -95,36 +95,35 @@ def train_worker(config: dict[str, Any]) -> None:
             model.load_state_dict(restored.state_dict())
             tensors, meta = load_train_state(d)
             restore_training_state(opt, sched, tensors, meta)
-            state = {k: meta[k] for k in state}
-        log.info("rank %d resumed after epoch %d", rank, state["epoch"])
+            progress = Progress(**meta["progress"])
+        log.info("rank %d resumed after epoch %d", rank, progress.epoch)
+    resumed_from = progress.epoch
     ddp = ray.train.torch.prepare_model(model)
     scaler = torch.amp.GradScaler("cuda") if cfg.optim.precision == "fp16" else None
     val_q, val_a = _val_tensors(ray.train.get_dataset_shard("val"))
     train_shard = ray.train.get_dataset_shard("train")
-    for epoch in range(state["epoch"], cfg.optim.epochs):
+    for epoch in range(progress.epoch, cfg.optim.epochs):
         batches = ((b["q"], b["a"]) for b in train_shard.iter_torch_batches(
             batch_size=cfg.optim.batch_size, drop_last=True, local_shuffle_buffer_size=2048,
             local_shuffle_seed=cfg.seed * 1000 + epoch))
         stats = train_epoch(ddp, batches, opt, sched, cfg.loss, cfg.optim, scaler)
         val = score(model, val_q, val_a, torch.arange(len(val_a)))
-        improved = val["mrr"] > state["best_val_mrr"]
-        state = {"epoch": epoch + 1, "best_val_mrr": max(val["mrr"], state["best_val_mrr"]),
-                 "bad_epochs": 0 if improved else state["bad_epochs"] + 1}
+        improved = progress.update(val["mrr"])
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss()
         metrics = {"epoch": epoch + 1, **{k.replace("/", "_"): v for k, v in stats.items()},
                    **{f"val_{k.replace('@', '_at_')}": v for k, v in val.items()}, "peak_memory_mb": peak / 2**20,
-                   "improved": improved}
+                   "improved": improved, "resumed_from": resumed_from}
         if rank == 0:
             log.info("epoch %d/%d  loss %.3f  val_mrr %.3f  val_r@1 %.3f  grad %.2f  %.0f samples/s",
                      epoch + 1, cfg.optim.epochs, stats["loss/total"], val["mrr"], val["recall@1"],
                      stats["grad_norm"], stats["samples_per_s"])
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(d, model, config["teacher"], {"split_seed": cfg.data.seed, "epoch": epoch + 1, "val": val})
-                save_train_state(d, *training_state(opt, sched, state))
+                save_train_state(d, *training_state(opt, sched, {"progress": asdict(progress)}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-        if cfg.optim.patience and state["bad_epochs"] >= cfg.optim.patience:
+        if progress.should_stop(cfg.optim.patience):
             if rank == 0:
                 log.info("early stop: val MRR did not improve for %d epochs", cfg.optim.patience)
             break  # every rank sees the same val MRR, so all stop together

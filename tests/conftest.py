@@ -87,3 +87,18 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         current = Path("/tmp/ray/ray_current_cluster")
         if current.is_file() and str(port) in current.read_text():
             current.unlink()
+
+
+SMOKE_OVERRIDES = ["optim.epochs=4"]  # configs/smoke.yaml plus these: the suite's standard run
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ray_cluster, tmp_path_factory):
+    """One undisturbed 2-worker training run on the shipped data, shared by the integration tests."""
+    from cube.config import load_config
+    from cube.data import SHIPPED_DATASET
+    from jobs.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("runs") / "smoke"
+    report = train(SHIPPED_DATASET, run, load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", SMOKE_OVERRIDES))
+    return run, report
