@@ -11,6 +11,7 @@ COMMANDS = {
     "train": "train the cube on a Q&A file with Ray Train, then evaluate it",
     "eval": "compare a trained run with the baselines on held-out pairs",
     "serve": "answer questions over HTTP with Ray Serve",
+    "analyze": "emergent-pattern report of a trained run (activity, structure, ablations, damage)",
 }
 
 

@@ -115,3 +115,16 @@ def test_ray_job_submit_runs_an_entrypoint(ray_cluster, tmp_path):
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "succeeded" in proc.stdout + proc.stderr
     assert store.read_all(out).num_rows == 16  # 8 questions + 8 answers
+
+
+def test_analyze_writes_a_report_with_figures(trained_run):
+    run, _ = trained_run
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "analyze", "--run", str(run), "--damage-trials", "3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = (run / "analysis" / "report.md").read_text()
+    for figure in ("activity.png", "morans_i.png", "variance.png", "clusters.png", "layer_ablation.png"):
+        assert (run / "analysis" / figure).stat().st_size > 1000 and f"({figure})" in report
+    numbers = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert len(numbers["layer_ablation"]) == 4  # configs/smoke.yaml: depth 4
+    assert set(numbers["stability"]) == {"T", "2T", "4T"} and numbers["damage"]["trials"] == 3

@@ -63,3 +63,13 @@ def test_early_stopping_patience():
     assert history == [True, True, False, False]
     assert p.epoch == 4 and p.best_val_mrr == 0.6 and p.bad_epochs == 2
     assert p.should_stop(2) and not p.should_stop(3) and not p.should_stop(0)
+
+
+def test_morans_i_separates_smooth_fields_from_noise():
+    from cube.analysis import morans_i
+
+    z, y, x = torch.meshgrid(torch.arange(6.0), torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    smooth = (z + y + x)[None]
+    noise = torch.randn(1, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert morans_i(smooth).item() > 0.8
+    assert abs(morans_i(noise).item()) < 0.1
