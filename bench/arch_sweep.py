@@ -1,6 +1,6 @@
 """Cube variants against the baselines over several seeds, on one run's embeddings.
 
-    python bench/arch_sweep.py --split runs/smollm2/split.parquet --device cuda --seeds 3
+    python -m bench.arch_sweep --split runs/smollm2/split.parquet --device cuda --seeds 3
 
 Trains each variant with the library's own training loop (cube.training) on the run's training
 split and reports held-out MRR on val and test (each question ranked in its own split's pool),

@@ -1,7 +1,7 @@
 """Achieved FLOP/s of a cube training step, as a fraction of a plain matmul measured in the same run.
 
-    python bench/cube_flops.py                    # CPU, default cube, batch 32
-    python bench/cube_flops.py --device cuda      # GPU (no Ray needed)
+    python -m bench.cube_flops                    # CPU, default cube, batch 32
+    python -m bench.cube_flops --device cuda      # GPU (no Ray needed)
 
 FLOPs are counted, not profiled: per cell and step, the fused perception conv
 (2·27·C·(hidden+C)) and the update conv (2·hidden·C); plus both adapters; ×3 for

@@ -1,6 +1,6 @@
 """Stress: 10,000 embeddings in one process; resident memory must not grow after warm-up.
 
-    python bench/embed_memory.py --rows 10000 --teacher minilm
+    python -m bench.embed_memory --rows 10000 --teacher minilm
 
 Samples RSS after every batch and fits a line to the samples after warm-up (the first 20%).
 A leak shows as a positive slope; the figure printed is MiB per 1,000 rows.

@@ -1,6 +1,6 @@
 """Ray Data embedding pipeline vs a plain in-process loop: same teacher, batch size and rows.
 
-    python bench/embed_throughput.py --rows 5000 --batch-size 64
+    python -m bench.embed_throughput --rows 5000 --batch-size 64
 
 Both sides embed the same texts (variants of the shipped questions and answers, so nothing is
 cached) one after the other in this process, and the figures are printed side by side with

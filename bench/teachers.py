@@ -1,6 +1,6 @@
 """Each teacher mode: load time, rows/s and peak memory, one subprocess per mode.
 
-    python bench/teachers.py --rows 200
+    python -m bench.teachers --rows 200
 
 Modes: minilm fp32, smollm2 fp32, smollm2 8-bit and 4-bit (bitsandbytes; the GGUF is first
 converted once to a cached safetensors folder, which this bench triggers if needed). Each mode

@@ -16,15 +16,19 @@ def plot_curves(metrics_csv: Path, out: Path) -> Path:
     df = pd.read_csv(metrics_csv)
     panels = [
         ("loss", [c for c in df.columns if c.startswith("loss_")]),
-        ("validation", [c for c in ("val_mrr", "val_recall_at_1", "val_recall_at_5", "val_cos") if c in df]),
+        ("MRR (train slice vs val)", ["train_mrr", "val_mrr"]),
+        ("recall@1 (train slice vs val)", ["train_recall_at_1", "val_recall_at_1"]),
+        ("cosine (train slice vs val)", ["train_cos", "val_cos"]),
         ("gradient norm", ["grad_norm"]),
         ("throughput (samples/s)", ["samples_per_s"]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    panels = [(title, [c for c in cols if c in df]) for title, cols in panels]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.8))
+    axes = axes.ravel()
     for ax, (title, cols) in zip(axes, panels):
         for c in cols:
             if c in df:
-                ax.plot(df["epoch"], df[c], marker="o", ms=3, label=c.replace("loss_", "").replace("val_", ""))
+                ax.plot(df["epoch"], df[c], marker="o", ms=3, label=c.replace("loss_", ""))
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

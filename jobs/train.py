@@ -61,7 +61,7 @@ class TrainConfig:
 # ---------------------------------------------------------------- per-worker loop (runs in Ray)
 
 
-def _val_tensors(shard) -> tuple[torch.Tensor, torch.Tensor]:
+def _whole_shard(shard) -> tuple[torch.Tensor, torch.Tensor]:
     qs, as_ = [], []
     for batch in shard.iter_torch_batches(batch_size=512):
         qs.append(batch["q"])
@@ -76,6 +76,11 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.data
 
     setup_logging()
+    # Ray Train logs every report's full metrics dict from every rank at INFO on a logger named
+    # after its file path; keep the workers to our own one line per epoch.
+    logging.getLogger().setLevel(logging.WARNING)
+    for ours in ("jobs", "cube"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one log line per epoch instead
     cfg = from_dict(TrainConfig, config["cfg"])
     rank = ray.train.get_context().get_world_rank()
@@ -100,7 +105,8 @@ def train_worker(config: dict[str, Any]) -> None:
     resumed_from = progress.epoch
     ddp = ray.train.torch.prepare_model(model)
     scaler = torch.amp.GradScaler("cuda") if cfg.optim.precision == "fp16" else None
-    val_q, val_a = _val_tensors(ray.train.get_dataset_shard("val"))
+    val_q, val_a = _whole_shard(ray.train.get_dataset_shard("val"))
+    probe_q, probe_a = _whole_shard(ray.train.get_dataset_shard("train_probe"))
     train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(progress.epoch, cfg.optim.epochs):
         batches = ((b["q"], b["a"]) for b in train_shard.iter_torch_batches(
@@ -108,9 +114,11 @@ def train_worker(config: dict[str, Any]) -> None:
             local_shuffle_seed=cfg.seed * 1000 + epoch))
         stats = train_epoch(ddp, batches, opt, sched, cfg.loss, cfg.optim, scaler)
         val = score(model, val_q, val_a, torch.arange(len(val_a)))
+        seen = score(model, probe_q, probe_a, torch.arange(len(probe_a)))
         improved = progress.update(val["mrr"])
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss()
         metrics = {"epoch": epoch + 1, **{k.replace("/", "_"): v for k, v in stats.items()},
+                   **{f"train_{k.replace('@', '_at_')}": v for k, v in seen.items()},
                    **{f"val_{k.replace('@', '_at_')}": v for k, v in val.items()}, "peak_memory_mb": peak / 2**20,
                    "improved": improved, "resumed_from": resumed_from}
         if rank == 0:
@@ -181,7 +189,10 @@ def fit(run: RunDir, cfg: TrainConfig) -> None:
     }
     # No random_shuffle: its tasks would need CPUs that the training workers hold (deadlock on
     # a small machine). Workers shuffle locally with a seeded buffer instead.
-    datasets = {"train": _dataset(train), "val": _dataset(val)}
+    # Train metrics are scored like val, on a fixed slice of the training split of the same
+    # size, so train-vs-val gaps are not an artefact of pool size.
+    probe = Split(train.q[: len(val.q)], train.a[: len(val.q)])
+    datasets = {"train": _dataset(train), "val": _dataset(val), "train_probe": _dataset(probe)}
     trainer = TorchTrainer(
         train_worker, train_loop_config=config, datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

@@ -54,6 +54,11 @@ def test_training_beats_mean_answer_and_loss_falls(trained_run):
     metrics = pd.read_csv(run / "metrics.csv")
     assert metrics["epoch"].tolist() == [1, 2, 3, 4]
     assert metrics["loss_total"].iloc[-1] < metrics["loss_total"].iloc[0]
+    per_epoch = {"loss_dialogue", "loss_surface", "loss_internal", "grad_norm", "samples_per_s", "peak_memory_mb",
+                 "train_cos", "train_recall_at_1", "train_mrr", "val_cos", "val_recall_at_1", "val_mrr"}
+    assert per_epoch <= set(metrics.columns), per_epoch - set(metrics.columns)
+    assert metrics[sorted(per_epoch)].notna().all().all()
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))
     for name in ("model/model.safetensors", "model/config.json", "last/config.json", "split.parquet",
                  "config.yaml", "eval.json", "curves.png"):
         assert (run / name).is_file(), name
