@@ -38,6 +38,14 @@ VARIANTS: dict[str, dict] = {
     "surface0": {"loss": {"surface": 0.0}},
     "temp0.05": {"loss": {"temperature": 0.05}},
     "no_residual": {"cube": {"residual": False}},
+    # optimiser steps: 2 DDP workers × batch 32 take half the steps per epoch of one process
+    "bs16": {"optim": {"batch_size": 16}},
+    "bs64": {"optim": {"batch_size": 64}},
+    "bs64_lr2e-3": {"optim": {"batch_size": 64, "lr": 2e-3}},
+    "bs16_lr2e-3": {"optim": {"batch_size": 16, "lr": 2e-3}},
+    "lr3e-3": {"optim": {"lr": 3e-3}},
+    "bs16_ep12": {"optim": {"batch_size": 16, "epochs": 12}},
+    "bs16_fire1.0": {"optim": {"batch_size": 16}, "cube": {"fire_rate": 1.0}},
 }
 
 

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cube analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="run folder written by `cube train`")
     p.add_argument("--output", type=Path, help="report folder (default: RUN/analysis)")
-    p.add_argument("--damage-trials", type=int, default=20)
+    p.add_argument("--damage-trials", type=int, default=20, help="random damaged blocks to average over (default 20)")
     return p
 
 

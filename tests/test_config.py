@@ -62,3 +62,14 @@ def test_shipped_configs_are_valid_train_configs():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = load_config(TrainConfig, path)
         assert to_dict(cfg)["cube"]["steps"] >= cfg.cube.depth - 1
+
+
+def test_pipeline_threads_share_the_node_between_actors():
+    from jobs.embed import PipelineOptions
+
+    assert PipelineOptions().threads(node_cpus=2) == 2  # one actor reserving 1 CPU still uses both cores
+    assert PipelineOptions(concurrency=4).threads(node_cpus=16) == 4
+    assert PipelineOptions(concurrency=4, cpus_per_actor=6).threads(node_cpus=16) == 6  # never below the reservation
+    assert PipelineOptions(threads_per_actor=3).threads(node_cpus=16) == 3
+    with pytest.raises(ValueError, match="threads_per_actor"):
+        PipelineOptions(threads_per_actor=-1)
