@@ -32,6 +32,7 @@ class CubeConfig:
     fire_rate: float = 0.75  # probability that a cell updates on a training step
     transport_init: bool = True  # untrained rule copies each cell's front neighbour (see README)
     residual: bool = True  # predict question + correction rather than the answer from scratch
+    steps_jitter: int = 4  # training runs steps + U{0..jitter} steps, so that T is not a cliff edge
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "depth", "channels", "hidden", "io_channels", "steps"):
@@ -44,6 +45,8 @@ class CubeConfig:
                 f"steps={self.steps} < depth-1={self.depth - 1}: information injected at the front "
                 "face moves one cell per step and would never reach the back face"
             )
+        if self.steps_jitter < 0:
+            raise ValueError(f"steps_jitter must be >= 0, got {self.steps_jitter}")
         if not 0.0 < self.fire_rate <= 1.0:
             raise ValueError(f"fire_rate must be in (0, 1], got {self.fire_rate}")
         if self.perception not in ("learned", "sobel"):
@@ -164,7 +167,11 @@ class CellularCube(nn.Module):
         inject = F.pad(front, (0, 0, 0, 0, 0, c.channels - c.io_channels)).unsqueeze(2)  # (B, C, 1, H, W)
         inject = F.pad(inject, (0, 0, 0, 0, 0, c.depth - 1))  # (B, C, D, H, W), zero behind the front
         dx = torch.zeros_like(x)
-        for t in range(steps or c.steps):
+        if steps is None:
+            steps = c.steps
+            if self.training and c.steps_jitter:
+                steps += int(torch.randint(0, c.steps_jitter + 1, ()))
+        for t in range(steps):
             x = x * (1 - clamp) + inject  # persistent injection: the front face holds the question
             dx = self.rule(x)
             if self.training and c.fire_rate < 1.0:

@@ -31,7 +31,7 @@ from cube.model import CellularCube, CubeConfig
 from cube.baselines import Split
 from cube.rundir import RunDir, vectors_to_arrow, write_json, write_split
 from cube.teacher import TeacherConfig
-from cube.training import OptimConfig, Progress, make_optimizer, score, train_epoch
+from cube.training import OptimConfig, Progress, make_optimizer, peak_lr, score, train_epoch
 from jobs.common import add_config_flags, config_from_args, ensure_ray, setup_logging
 from jobs.embed import PipelineOptions, embed_pairs
 
@@ -91,7 +91,10 @@ def train_worker(config: dict[str, Any]) -> None:
     # channels-last 3D is ~15% faster for conv3d on CPU; converting the parameters too keeps
     # DDP's gradient buckets in the same layout as the gradients.
     model.to(device, memory_format=torch.channels_last_3d)
-    opt, sched = make_optimizer(model, cfg.optim, config["steps_per_epoch"])
+    world = ray.train.get_context().get_world_size()
+    opt, sched = make_optimizer(model, cfg.optim, config["steps_per_epoch"], world_size=world)
+    if rank == 0:
+        log.info("batch %d per worker × %d workers, peak lr %.2g (scaled to the global batch)", cfg.optim.batch_size, world, peak_lr(cfg.optim, world))
     progress = Progress()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:

@@ -94,3 +94,22 @@ def test_sobel_perception_runs_without_transport():
                      perception="sobel", transport_init=False)
     out = CellularCube(cfg, embed_dim=8)(torch.randn(2, 8))
     assert out.pred.shape == (2, 8)
+
+
+def test_steps_jitter_varies_training_steps_only():
+    cfg = CubeConfig(width=5, height=5, depth=3, channels=4, hidden=8, io_channels=1, steps=3, steps_jitter=2)
+    model = CellularCube(cfg, embed_dim=16)
+    calls: list[int] = []
+    model.rule.register_forward_hook(lambda *_: calls.append(1))
+
+    def steps_taken() -> int:
+        calls.clear()
+        model(torch.randn(2, 16))
+        return len(calls)
+
+    torch.manual_seed(0)
+    model.train()
+    seen = {steps_taken() for _ in range(30)}
+    assert seen == {3, 4, 5}
+    model.eval()
+    assert {steps_taken() for _ in range(5)} == {3}

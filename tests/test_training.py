@@ -1,5 +1,6 @@
 """The training loop without Ray: learning, bf16 autocast on CPU, schedule, early stopping."""
 
+import pytest
 import torch
 
 from cube.losses import LossConfig
@@ -73,3 +74,16 @@ def test_morans_i_separates_smooth_fields_from_noise():
     noise = torch.randn(1, 6, 8, 8, generator=torch.Generator().manual_seed(0))
     assert morans_i(smooth).item() > 0.8
     assert abs(morans_i(noise).item()) < 0.1
+
+
+def test_learning_rate_scales_with_the_global_batch():
+    from cube.training import peak_lr
+
+    cfg = OptimConfig(lr=1e-3, batch_size=32)
+    assert peak_lr(cfg, world_size=1) == pytest.approx(1e-3)
+    assert peak_lr(cfg, world_size=2) == pytest.approx(2e-3)
+    assert peak_lr(OptimConfig(lr=1e-3, batch_size=16), world_size=4) == pytest.approx(2e-3)
+    assert peak_lr(OptimConfig(lr=1e-3, lr_reference_batch=0), world_size=8) == pytest.approx(1e-3)
+    model = torch.nn.Linear(2, 2)
+    opt, _ = make_optimizer(model, cfg, steps_per_epoch=4, world_size=2)
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(2e-3)
