@@ -1,6 +1,6 @@
 """Embed a Q&A file with a teacher through Ray Data, into a resumable Parquet embedding store.
 
-    read file ─▶ texts + ids ─▶ SkipDone ─▶ TeacherActor (actor pool) ─▶ StoreSink (atomic parts)
+    read file ─▶ texts + ids ─▶ SkipDone ─▶ TeacherActor (actor pool) ─▶ PartSink (atomic parts)
 
 The file is streamed, never held in memory; the teacher loads once per actor; every block
 becomes its own Parquet part, written under a temporary name and renamed into place. Kill a
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="JSONL, CSV or Parquet with question (and answer) columns")
     p.add_argument("--output", type=Path, required=True, help="store folder (created; a rerun adds only new texts)")
     p.add_argument("--teacher", help="minilm | smollm2 | a Hugging Face id | a local folder (= --set teacher.name=...)")
+    p.add_argument("--quantize", choices=["none", "8bit", "4bit"], help="load the teacher through bitsandbytes (= --set teacher.quantize=...)")
+    p.add_argument("--pooling", choices=["mean", "last"], help="mean over real tokens or the last one (= --set teacher.pooling=...)")
     p.add_argument("--concurrency", type=int, help="teacher actors in the pool (= --set pipeline.concurrency=...)")
     p.add_argument("--batch-size", type=int, help="texts per teacher call (= --set pipeline.batch_size=...)")
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (= --set pipeline.num_gpus=...)")
@@ -324,16 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    sugar = {"teacher.name": args.teacher, "pipeline.concurrency": args.concurrency, "pipeline.batch_size": args.batch_size,
+def config_from_cli(args: argparse.Namespace) -> EmbedConfig:
+    """The named flags are shorthands for --set overrides; explicit --set wins."""
+    sugar = {"teacher.name": args.teacher, "teacher.quantize": args.quantize, "teacher.pooling": args.pooling,
+             "pipeline.concurrency": args.concurrency, "pipeline.batch_size": args.batch_size,
              "pipeline.num_gpus": args.num_gpus, "pipeline.cpus_per_actor": args.cpus_per_actor,
              "pipeline.threads_per_actor": args.threads_per_actor,
              "generator.name": args.generator,
              "generate_answers": "true" if args.generate_answers else None}
     args.overrides = [f"{k}={v}" for k, v in sugar.items() if v is not None] + args.overrides
-    cfg = config_from_args(EmbedConfig, args)
+    return config_from_args(EmbedConfig, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    cfg = config_from_cli(args)
     from cube.data import DataError
     from cube.teacher import TeacherError
 
