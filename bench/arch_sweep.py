@@ -38,7 +38,8 @@ VARIANTS: dict[str, dict] = {
     "surface0": {"loss": {"surface": 0.0}},
     "temp0.05": {"loss": {"temperature": 0.05}},
     "no_residual": {"cube": {"residual": False}},
-    # optimiser steps: 2 DDP workers × batch 32 take half the steps per epoch of one process
+    # optimiser steps: 2 DDP workers × batch 32 take half the steps per epoch of one process.
+# The lr is scaled with the batch (OptimConfig.lr_reference_batch), so "bs64" runs at 2e-3.
     "bs16": {"optim": {"batch_size": 16}},
     "bs64": {"optim": {"batch_size": 64}},
     "bs64_lr2e-3": {"optim": {"batch_size": 64, "lr": 2e-3}},
@@ -54,6 +55,9 @@ VARIANTS: dict[str, dict] = {
     "bs64_no_jitter": {"optim": {"batch_size": 64}, "cube": {"steps_jitter": 0}},
     "bs64_ep12": {"optim": {"batch_size": 64, "epochs": 12}},
     "bs64_ep16": {"optim": {"batch_size": 64, "epochs": 16}},
+    # fixed rates, to reproduce sweeps that ran before the lr was scaled with the batch
+    "bs64_lr1e-3_fixed": {"optim": {"batch_size": 64, "lr_reference_batch": 0}},
+    "bs64_lr2e-3_fixed": {"optim": {"batch_size": 64, "lr": 2e-3, "lr_reference_batch": 0}},
 }
 
 

@@ -83,3 +83,9 @@ def test_embed_flags_are_shorthands_for_overrides():
     cfg = config_from_cli(args)
     assert (cfg.teacher.name, cfg.teacher.quantize, cfg.teacher.pooling, cfg.teacher.max_length) == ("smollm2", "8bit", "last", 64)
     assert cfg.pipeline.threads_per_actor == 2 and not cfg.generate_answers
+
+
+def test_default_yaml_writes_out_every_default():
+    path = ROOT / "configs" / "default.yaml"
+    assert load_config(TrainConfig, path) == TrainConfig()
+    assert yaml.safe_load(path.read_text()) == to_dict(TrainConfig())  # every key, not just the ones that load
