@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from cube.evaluate import HeldOut
-from cube.metrics import retrieval_metrics
 from cube.model import CellularCube
+from cube.training import score
 
 
 @dataclass
@@ -37,11 +37,8 @@ def final_state(model: CellularCube, q: torch.Tensor, **kwargs) -> torch.Tensor:
     return model.run_lattice(front, **kwargs)[0]  # (B, C, D, H, W)
 
 
-@torch.no_grad()
-def mrr(model: CellularCube, data: HeldOut, **kwargs) -> float:
-    model.eval()
-    pred = model(data.q - model.q_mean, **kwargs).pred
-    return retrieval_metrics(pred, data.pool - model.a_mean, data.target)["mrr"]
+def mrr(model: CellularCube, data: HeldOut, **lattice_kwargs) -> float:
+    return score(model, data.q, data.pool, data.target, **lattice_kwargs)["mrr"]
 
 
 def morans_i(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +85,7 @@ def analyse(model: CellularCube, data: HeldOut, damage_trials: int = 20, cluster
         mask[layer] = 0.0
         ablation.append(mrr(model, data, layer_mask=mask))
 
-    back_t = final_state(model, data.q)[:, : cfg.io_channels, -1]
+    back_t = state[:, : cfg.io_channels, -1]
     stability = {"T": {"steps": cfg.steps, "mrr": base, "back_drift": 0.0}}
     for name, factor in (("2T", 2), ("4T", 4)):
         back = final_state(model, data.q, steps=factor * cfg.steps)[:, : cfg.io_channels, -1]

@@ -197,9 +197,9 @@ class CellularCube(nn.Module):
             pred = pred + q_centred
         return CubeOutput(pred, back, dx)
 
-    def predict(self, q: torch.Tensor) -> torch.Tensor:
+    def predict(self, q: torch.Tensor, **lattice_kwargs) -> torch.Tensor:
         """Raw question embeddings (B, E) → centred answer predictions (B, E)."""
-        return self(q - self.q_mean).pred
+        return self(q - self.q_mean, **lattice_kwargs).pred
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -152,14 +152,16 @@ def train_epoch(
 
 
 @torch.no_grad()
-def predict(model: CellularCube, q: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Raw questions (N, E) → centred answer predictions (N, E) on the CPU."""
+def predict(model: CellularCube, q: torch.Tensor, batch_size: int = 256, **lattice_kwargs) -> torch.Tensor:
+    """Raw questions (N, E) → centred answer predictions (N, E) on the CPU.
+
+    `lattice_kwargs` go to `CellularCube.run_lattice` (steps, layer_mask, damage)."""
     model.eval()
     device = model.q_mean.device
-    return torch.cat([model.predict(chunk.to(device)).float().cpu() for chunk in q.split(batch_size)])
+    return torch.cat([model.predict(chunk.to(device), **lattice_kwargs).float().cpu() for chunk in q.split(batch_size)])
 
 
 @torch.no_grad()
-def score(model: CellularCube, q: torch.Tensor, pool: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+def score(model: CellularCube, q: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, **lattice_kwargs) -> dict[str, float]:
     """Held-out metrics in the cube's centred space: question i's answer is raw `pool[target[i]]`."""
-    return retrieval_metrics(predict(model, q), pool - model.a_mean.cpu(), target)
+    return retrieval_metrics(predict(model, q, **lattice_kwargs), pool - model.a_mean.cpu(), target)
