@@ -30,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"cube: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    return importlib.import_module(f"jobs.{command}").main(rest)
+    job = importlib.import_module(f"jobs.{command}")
+    from cube.rundir import RunError
+
+    try:
+        return job.main(rest)
+    except RunError as e:  # a --run folder that is not a (finished) run: the message says what to do
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

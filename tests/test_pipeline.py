@@ -133,3 +133,11 @@ def test_analyze_writes_a_report_with_figures(trained_run):
     numbers = json.loads((run / "analysis" / "analysis.json").read_text())
     assert len(numbers["layer_ablation"]) == 4  # configs/smoke.yaml: depth 4
     assert set(numbers["stability"]) == {"T", "2T", "4T"} and numbers["damage"]["trials"] == 3
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+def test_a_folder_that_is_not_a_run_is_a_clear_error(command, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", command, "--run", str(tmp_path / "nothing")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "is not a finished cube run" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
