@@ -22,7 +22,8 @@ import torch
 
 from cube.data import SHIPPED_DATASET, load_qa
 from cube.teacher import Teacher, TeacherConfig
-from jobs.embed import PipelineOptions, embed_texts
+from cube.job_config import PipelineOptions
+from jobs.embedding import embed_texts
 
 
 def texts(n: int) -> list[str]:

@@ -18,7 +18,8 @@ import pandas as pd
 from cube.config import load_config
 from cube.data import SHIPPED_DATASET
 from jobs.common import ensure_ray
-from jobs.train import TrainConfig, train
+from cube.job_config import TrainConfig
+from jobs.trainer import train
 
 
 def main() -> None:

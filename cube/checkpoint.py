@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from cube.config import from_dict
 from cube.model import CellularCube, CubeConfig
+from cube.training import EpochEnd
 
 FORMAT_VERSION = 1
 
@@ -108,21 +109,8 @@ def publish(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def training_state(opt: torch.optim.Optimizer, sched: Any, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimiser, scheduler and RNG state split into tensors (safetensors) and JSON."""
-    sd = opt.state_dict()
-    tensors = {f"opt.{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"param_groups": sd["param_groups"], "scheduler": sched.state_dict(), **extra}
-    return tensors, meta
-
-
-def restore_training_state(opt: torch.optim.Optimizer, sched: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    sched.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+def save_epoch(folder: str | Path, end: EpochEnd, teacher: dict[str, Any], split_seed: int) -> Path:
+    """One resumable checkpoint: weights + config, and the optimiser/scheduler/RNG state."""
+    save_checkpoint(folder, end.model, teacher, {"split_seed": split_seed, "epoch": end.metrics["epoch"], "val": end.val})
+    save_train_state(folder, *end.train_state())
+    return Path(folder)

@@ -6,57 +6,50 @@ against all of them, so the chance level is known and stated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
-from cube.baselines import Centering, Split, fit_baselines
-from cube.metrics import METRICS, chance_metrics, retrieval_metrics
+from cube.baselines import Centering, Predictor, fit_baselines
+from cube.metrics import METRICS, HeldOut, Split, chance_metrics, retrieval_metrics
+from cube.checkpoint import load_checkpoint
 from cube.model import CellularCube, count_parameters
+from cube.rundir import RunDir
 from cube.training import predict
 
-
-@dataclass
-class HeldOut:
-    """Held-out questions and the pool of distinct answers they are ranked against."""
-
-    q: torch.Tensor  # (N, E) raw question embeddings
-    pool: torch.Tensor  # (P, E) raw embeddings of distinct answers
-    target: torch.Tensor  # (N,) index of each question's answer in the pool
-    questions: list[str]
-    answers: list[str]  # pool texts
-
-    @classmethod
-    def from_frame(cls, df: pd.DataFrame, q: np.ndarray, a: np.ndarray) -> "HeldOut":
-        """`df` rows align with `q` and `a` (one embedding per row)."""
-        index: dict[str, int] = {}  # answer text → pool position
-        first_rows: list[int] = []  # the row that supplies each pool entry
-        target = []
-        for row, text in enumerate(df["answer"]):
-            if text not in index:
-                index[text] = len(index)
-                first_rows.append(row)
-            target.append(index[text])
-        return cls(torch.as_tensor(q), torch.as_tensor(a[first_rows]), torch.tensor(target),
-                   df["question"].tolist(), list(index))
+__all__ = ["HeldOut", "baseline_report", "compare", "format_report"]
 
 
-def compare(model: CellularCube, train: Split, val: Split, test: HeldOut, seed: int = 0, n_examples: int = 5) -> dict:
-    """Report dict: pool size, chance, cube and baseline metrics, best baseline, examples."""
+def _mean_metrics(predictors: list[Predictor], test: HeldOut, centering: Centering) -> dict[str, float]:
+    runs = [retrieval_metrics(p.predict(test.q), centering.answers(test.pool, p.space), test.target) for p in predictors]
+    out = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    if len(runs) > 1:
+        mrrs = torch.tensor([r["mrr"] for r in runs])
+        out["mrr_std"] = mrrs.std(unbiased=False).item()
+    return out
+
+
+def baseline_report(train: Split, val: HeldOut, test: HeldOut, seeds: int = 3) -> dict:
+    """Every baseline's held-out metrics (mean over seeds where it is stochastic) and the best one."""
     centering = Centering.fit(train)
+    fitted = fit_baselines(train, val, seeds=seeds)
+    metrics = {name: _mean_metrics(preds, test, centering) for name, preds in fitted.items()}
+    details = {name: {"space": preds[0].space, "detail": preds[0].detail} for name, preds in fitted.items()}
+    best = max(metrics, key=lambda k: metrics[k]["mrr"])
+    return {"baselines": metrics, "baseline_details": details, "best_baseline": best}
+
+
+def compare(model: CellularCube, train: Split, val: HeldOut, test: HeldOut, seeds: int = 3, n_examples: int = 5,
+            baselines: dict | None = None) -> dict:
+    """Report dict: pool size, chance, cube and baseline metrics, best baseline, examples.
+
+    `baselines` is a `baseline_report` already computed on the same split (a sweep fits them once)."""
     report: dict = {"pool_size": len(test.pool), "n_questions": len(test.q), "chance": chance_metrics(len(test.pool))}
     cube_pred = predict(model, test.q)
     report["cube"] = retrieval_metrics(cube_pred, test.pool - model.a_mean.cpu(), test.target)
     report["cube_params"] = count_parameters(model)
-    report["baselines"] = {}
-    report["baseline_details"] = {}
-    for name, p in fit_baselines(train, val, count_parameters(model), seed=seed).items():
-        report["baselines"][name] = retrieval_metrics(p.predict(test.q), centering.answers(test.pool, p.space), test.target)
-        report["baseline_details"][name] = {"space": p.space, "detail": p.detail}
-    best = max(report["baselines"], key=lambda k: report["baselines"][k]["mrr"])
-    report["best_baseline"] = best
+    report.update(baselines or baseline_report(train, val, test, seeds))
+    best = report["best_baseline"]
     report["cube_minus_best_mrr"] = report["cube"]["mrr"] - report["baselines"][best]["mrr"]
     scores = torch.nn.functional.normalize(cube_pred, dim=-1) @ torch.nn.functional.normalize(test.pool - model.a_mean.cpu(), dim=-1).T
     picks = scores.argmax(1)
@@ -69,6 +62,19 @@ def compare(model: CellularCube, train: Split, val: Split, test: HeldOut, seed: 
     return report
 
 
+def evaluate_run(run_path: str | Path, test: HeldOut | None = None, source: str | None = None) -> dict:
+    """The comparison report for a run: on its own test split, or on `test` (from another file)."""
+    run = RunDir(run_path)
+    run.require("model", "split.parquet", "teacher.json", "config.yaml")
+    teacher, _ = run.teacher()
+    model, _ = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
+    pairs = run.data()
+    report = compare(model, pairs.split("train"), pairs.held_out("val"), test or pairs.held_out("test"))
+    report["evaluated_on"] = source or f"{run.path}/split.parquet (test split)"
+    report["teacher"] = teacher.identity()
+    return report
+
+
 def format_report(report: dict) -> str:
     """The comparison as a plain-text table, best baseline marked, examples below."""
     header = f"{'method':<18} {'space':<8} " + " ".join(f"{m:>9}" for m in METRICS)
@@ -76,7 +82,8 @@ def format_report(report: dict) -> str:
              "-" * len(header)]
 
     def row(name: str, space: str, m: dict) -> str:
-        return f"{name:<18} {space:<8} " + " ".join(f"{m[k]:>9.3f}" if k in m else f"{'':>9}" for k in METRICS)
+        spread = f" ±{m['mrr_std']:.3f}" if "mrr_std" in m else ""
+        return f"{name:<18} {space:<8} " + " ".join(f"{m[k]:>9.3f}" if k in m else f"{'':>9}" for k in METRICS) + spread
 
     lines.append(row("cube", "centred", report["cube"]))
     for name, m in report["baselines"].items():

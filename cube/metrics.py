@@ -6,6 +6,10 @@ carries recall@k and MRR over a stated pool, with the chance level beside them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +45,48 @@ def chance_metrics(pool_size: int) -> dict[str, float]:
         "recall@5": min(5, pool_size) / pool_size,
         "mrr": harmonic / pool_size,
     }
+
+
+@dataclass
+class Split:
+    """Question and answer embeddings of one split; row i of q answers with row i of a."""
+
+    q: torch.Tensor  # (N, E)
+    a: torch.Tensor  # (N, E)
+
+
+@dataclass
+class HeldOut:
+    """Questions and the pool of *distinct* answers they are ranked against: the one pool
+    definition that `cube eval`, training's validation, sweeps and benchmarks all use."""
+
+    q: torch.Tensor  # (N, E) raw question embeddings
+    pool: torch.Tensor  # (P, E) raw embeddings of distinct answers
+    target: torch.Tensor  # (N,) index of each question's answer in the pool
+    questions: list[str]
+    answers: list[str]  # pool texts
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, q: np.ndarray, a: np.ndarray) -> "HeldOut":
+        """`df` rows align with `q` and `a` (one embedding per row)."""
+        index: dict[str, int] = {}  # answer text → pool position
+        first_rows: list[int] = []  # the row that supplies each pool entry
+        target = []
+        for row, text in enumerate(df["answer"]):
+            if text not in index:
+                index[text] = len(index)
+                first_rows.append(row)
+            target.append(index[text])
+        return cls(torch.as_tensor(q), torch.as_tensor(a[first_rows]), torch.tensor(target),
+                   df["question"].tolist(), list(index))
+
+    def __len__(self) -> int:
+        return len(self.q)
+
+    def head(self, n: int) -> "HeldOut":
+        """The first `n` questions, ranked in the pool of their own answers."""
+        used = torch.unique(self.target[:n])
+        remap = torch.full((len(self.pool),), -1, dtype=torch.long)
+        remap[used] = torch.arange(len(used))
+        return HeldOut(self.q[:n], self.pool[used], remap[self.target[:n]], self.questions[:n],
+                       [self.answers[i] for i in used.tolist()])

@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cube.baselines import Split
+from cube.metrics import HeldOut, Split
 from cube.config import from_dict
 from cube.teacher import TeacherConfig
 
@@ -72,6 +72,14 @@ class RunData:
     def split(self, name: str) -> Split:
         _, q, a = self.part(name)
         return Split(torch.as_tensor(q), torch.as_tensor(a))
+
+    def held_out(self, name: str) -> HeldOut:
+        """The split's questions ranked against its distinct answers (the evaluation pool)."""
+        return HeldOut.from_frame(*self.part(name))
+
+    def probe(self) -> HeldOut:
+        """A fixed slice of training pairs the size of the val split, scored like val."""
+        return self.held_out("train").head(len(self.held_out("val")))
 
 
 class RunDir:

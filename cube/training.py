@@ -1,19 +1,24 @@
-"""One epoch of cube training, and held-out scoring: plain PyTorch, used as-is by the Ray workers."""
+"""Cube training and held-out scoring in plain PyTorch.
+
+`fit` is the one training loop: Ray Train workers, Tune trials, benchmarks and tests all call
+it, each with its own per-epoch callback (report to Ray, checkpoint, collect numbers).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import time
-from dataclasses import dataclass
-from typing import Iterable, Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
 
 from cube.losses import LossConfig, cube_loss
-from cube.metrics import retrieval_metrics
-from cube.model import CellularCube
+from cube.metrics import HeldOut, Split, retrieval_metrics
+from cube.model import CellularCube, CubeConfig
 
 
 @dataclass(frozen=True)
@@ -165,3 +170,123 @@ def predict(model: CellularCube, q: torch.Tensor, batch_size: int = 256, **latti
 def score(model: CellularCube, q: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, **lattice_kwargs) -> dict[str, float]:
     """Held-out metrics in the cube's centred space: question i's answer is raw `pool[target[i]]`."""
     return retrieval_metrics(predict(model, q, **lattice_kwargs), pool - model.a_mean.cpu(), target)
+
+
+def score_held_out(model: CellularCube, data: HeldOut, **lattice_kwargs) -> dict[str, float]:
+    return score(model, data.q, data.pool, data.target, **lattice_kwargs)
+
+
+# ---------------------------------------------------------------- the training loop
+
+
+def build_model(cfg: CubeConfig, q_mean: torch.Tensor, a_mean: torch.Tensor, device: torch.device | str = "cpu",
+                seed: int = 0) -> CellularCube:
+    """A fresh cube, centred with the training split's means, channels-last on `device`.
+
+    channels-last 3D is ~15% faster for conv3d on CPU; converting the parameters too keeps
+    DDP's gradient buckets in the same layout as the gradients."""
+    torch.manual_seed(seed)
+    model = CellularCube(cfg, q_mean.shape[-1])
+    model.set_centering(q_mean, a_mean)
+    return model.to(device, memory_format=torch.channels_last_3d)
+
+
+def epoch_batches(train: Split, batch_size: int, steps: int, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` shuffled full batches; the order depends only on (seed, epoch), so a resumed run
+    sees the same batches as an uninterrupted one."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(train.q), generator=gen)[: steps * batch_size].to(train.q.device)
+    for idx in order.split(batch_size):
+        yield train.q[idx], train.a[idx]
+
+
+@dataclass
+class EpochEnd:
+    """What `fit` hands its callback after each epoch: numbers to report, state to checkpoint."""
+
+    metrics: dict[str, Any]
+    val: dict[str, float]  # this epoch's validation metrics, unflattened (cos, recall@1, recall@5, mrr)
+    model: CellularCube
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    progress: Progress
+
+    def train_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return training_state(self.opt, self.sched, {"progress": asdict(self.progress)})
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _flat(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{k.replace('@', '_at_')}": v for k, v in metrics.items()}
+
+
+def fit(
+    model: CellularCube, train: Split, val: HeldOut, loss_cfg: LossConfig, optim_cfg: OptimConfig, *,
+    seed: int = 0, probe: HeldOut | None = None, on_epoch: Callable[[EpochEnd], None] | None = None,
+    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None, world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None, steps_per_epoch: int | None = None,
+) -> Progress:
+    """Train `model` on `train` (this process's shard), score `val` after every epoch.
+
+    `wrap` makes the module the optimiser steps through (DDP under Ray Train); `state` is a
+    checkpoint's (tensors, meta) from `checkpoint.load_train_state`, to continue where it
+    stopped; `probe` is a slice of training pairs scored like `val`, so train-vs-val gaps are
+    not an artefact of pool size. Every DDP rank must get the same `steps_per_epoch`.
+
+    Raises:
+        ValueError: the shard holds fewer pairs than one batch.
+    """
+    device = model.q_mean.device
+    steps = steps_per_epoch or len(train.q) // optim_cfg.batch_size
+    if steps < 1:
+        raise ValueError(f"{len(train.q)} training pairs make no full batch of optim.batch_size={optim_cfg.batch_size}; "
+                         "lower optim.batch_size (or use fewer workers)")
+    opt, sched = make_optimizer(model, optim_cfg, steps, world_size)
+    progress = Progress()
+    if state is not None:
+        restore_training_state(opt, sched, *state)
+        progress = Progress(**state[1]["progress"])
+    resumed_from = progress.epoch
+    net = wrap(model) if wrap is not None else model
+    scaler = torch.amp.GradScaler("cuda") if optim_cfg.precision == "fp16" else None
+    on_device = Split(train.q.to(device), train.a.to(device))
+    for epoch in range(progress.epoch, optim_cfg.epochs):
+        batches = epoch_batches(on_device, optim_cfg.batch_size, steps, seed, epoch)
+        stats = train_epoch(net, batches, opt, sched, loss_cfg, optim_cfg, scaler)
+        val_metrics = score_held_out(model, val)
+        improved = progress.update(val_metrics["mrr"])
+        metrics: dict[str, Any] = {"epoch": epoch + 1, **{k.replace("/", "_"): v for k, v in stats.items()},
+                                   **_flat("val", val_metrics), "peak_memory_mb": _peak_memory_mb(device),
+                                   "improved": improved, "resumed_from": resumed_from}
+        if probe is not None:
+            metrics.update(_flat("train", score_held_out(model, probe)))
+        if on_epoch is not None:
+            on_epoch(EpochEnd(metrics, val_metrics, model, opt, sched, progress))
+        if progress.should_stop(optim_cfg.patience):
+            break  # every rank sees the same val MRR, so all DDP ranks stop together
+    return progress
+
+
+def training_state(opt: torch.optim.Optimizer, sched: Any, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimiser, scheduler and RNG state split into tensors (safetensors) and JSON."""
+    sd = opt.state_dict()
+    tensors = {f"opt.{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"param_groups": sd["param_groups"], "scheduler": sched.state_dict(), **extra}
+    return tensors, meta
+
+
+def restore_training_state(opt: torch.optim.Optimizer, sched: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])

@@ -18,9 +18,8 @@ import numpy as np
 
 from cube.analysis import analyse, write_report
 from cube.checkpoint import load_checkpoint
-from cube.evaluate import HeldOut
 from cube.rundir import RunDir, write_json
-from jobs.common import setup_logging
+from jobs.common import run_main, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     run.require("model", "split.parquet", "teacher.json")
     teacher, _ = run.teacher()
     model, _ = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
-    df, q, a = run.data().part("test")
-    result = analyse(model, HeldOut.from_frame(df, q, a), damage_trials=args.damage_trials)
+    result = analyse(model, run.data().held_out("test"), damage_trials=args.damage_trials)
     out = args.output or run.path / "analysis"
     path = write_report(result, out, str(run.path))
     write_json(out / "analysis.json", {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(result).items()})
@@ -48,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

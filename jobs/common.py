@@ -1,4 +1,5 @@
-"""What every Ray entrypoint shares: connecting to Ray, config flags, logging."""
+"""What every Ray entrypoint shares: connecting to Ray, config flags, logging, readable failures,
+and the check that a job's resources exist before Ray is asked for them."""
 
 from __future__ import annotations
 
@@ -6,13 +7,40 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 from cube.config import load_config
 
 T = TypeVar("T")
 log = logging.getLogger("cube")
+_embedded = False  # whether this process started the Ray cluster it uses (nothing can join it)
+
+
+class ResourceError(RuntimeError):
+    """A job asks for more than the cluster has (and, where allowed, more than joined in time)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story: bad data, config, run folder, teacher, resources."""
+    from cube.checkpoint import CheckpointError
+    from cube.data import DataError
+    from cube.rundir import RunError
+    from cube.store import StoreError
+    from cube.teacher import TeacherError
+
+    return DataError, RunError, CheckpointError, StoreError, TeacherError, ResourceError, FileNotFoundError, ValueError
+
+
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run an entrypoint so that a user error is one line on stderr and a non-zero exit, not a
+    traceback: that line is what `ray job logs` shows, and the exit makes the job FAILED."""
+    try:
+        return main(argv)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -22,24 +50,80 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None) -> bool:
     """Join the cluster in $RAY_ADDRESS, or start an embedded local one (the laptop case).
+    Returns True when the cluster is embedded (nothing can ever join it).
 
     An embedded cluster keeps the dashboard on: Tune needs it to free the placement groups of
     Train trials that it stops early (without it the next trial waits forever).
     """
     import ray
 
+    global _embedded
     if ray.is_initialized():
-        return
+        return _embedded
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address)
-    else:
-        log.info("starting an embedded local Ray cluster (set RAY_ADDRESS to use an existing one)")
-        # address="local": always a fresh cluster, never a stale one left in /tmp/ray by a crash.
-        ray.init(address="local", num_cpus=num_cpus)
+        return False
+    log.info("starting an embedded local Ray cluster (set RAY_ADDRESS to use an existing one)")
+    # address="local": always a fresh cluster, never a stale one left in /tmp/ray by a crash.
+    ray.init(address="local", num_cpus=num_cpus)
+    _embedded = True
+    return True
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The resources of each alive node."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    """Whether every bundle finds a node with room, placed first-fit largest-first (each bundle
+    must sit on one node, as a Ray Train worker or a Tune trial does)."""
+    free = [dict(n) for n in nodes]
+    for bundle in sorted(bundles, key=lambda b: -sum(b.values())):
+        for node in free:
+            if all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()):
+                for k, v in bundle.items():
+                    node[k] = node.get(k, 0.0) - v
+                break
+        else:
+            return False
+    return True
+
+
+def _describe(nodes: list[dict[str, float]]) -> str:
+    shown = ("CPU", "GPU")
+    return "; ".join(f"node {i}: " + ", ".join(f"{k} {n.get(k, 0):g}" for k in shown) for i, n in enumerate(nodes)) or "no nodes"
+
+
+def require_resources(bundles: list[dict[str, float]], what: str, wait_s: float = 0.0) -> None:
+    """Fail at once when the cluster cannot hold `bundles`, instead of letting Ray wait forever.
+
+    On an embedded cluster nothing can join, so it never waits; elsewhere it waits up to
+    `wait_s` for nodes to join (an autoscaling cluster), then fails.
+
+    Raises:
+        ResourceError: naming what was asked and what each node has.
+    """
+    bundles = [{k: v for k, v in b.items() if v} for b in bundles]
+    deadline = time.monotonic() + (0.0 if _embedded else wait_s)
+    while True:
+        nodes = node_resources()
+        if fits(bundles, nodes):
+            return
+        if time.monotonic() >= deadline:
+            break
+        log.info("waiting up to %.0f s for nodes that can hold %s", deadline - time.monotonic(), what)
+        time.sleep(5.0)
+    asked = f"{len(bundles)} x {bundles[0]}" if bundles and all(b == bundles[0] for b in bundles) else str(bundles)
+    hint = "" if _embedded or wait_s else " (on an autoscaling cluster, set wait_for_resources_s to wait for nodes)"
+    raise ResourceError(f"{what} needs {asked}, but the Ray cluster has {_describe(nodes)}; ask for fewer workers or "
+                        f"GPUs, or add nodes{hint}")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

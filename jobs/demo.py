@@ -21,9 +21,10 @@ import requests
 from cube.data import SHIPPED_DATASET
 from cube.evaluate import format_report
 from cube.rundir import RunDir
-from jobs.common import add_config_flags, config_from_args, ensure_ray, setup_logging
+from jobs.common import add_config_flags, config_from_args, ensure_ray, run_main, setup_logging
 from jobs.serve import start, stop
-from jobs.train import TrainConfig, train
+from cube.job_config import TrainConfig
+from jobs.trainer import train
 
 log = logging.getLogger("cube.demo")
 MARKER = ".cube-demo"  # only folders the demo made itself are ever replaced
@@ -76,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

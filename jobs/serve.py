@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from jobs.common import ensure_ray, setup_logging
+from jobs.common import ensure_ray, run_main, setup_logging
 
 log = logging.getLogger("cube.serve")
 
@@ -59,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -97,7 +97,8 @@ def smoke_run(ray_cluster, tmp_path_factory):
     """One undisturbed 2-worker training run on the shipped data, shared by the integration tests."""
     from cube.config import load_config
     from cube.data import SHIPPED_DATASET
-    from jobs.train import TrainConfig, train
+    from cube.job_config import TrainConfig
+    from jobs.trainer import train
 
     run = tmp_path_factory.mktemp("runs") / "smoke"
     report = train(SHIPPED_DATASET, run, load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", SMOKE_OVERRIDES))

@@ -4,34 +4,52 @@ import numpy as np
 import pytest
 import torch
 
-from cube.baselines import Centering, Split, fit_baselines, mlp_hidden_for, ResidualMLP
-from cube.metrics import retrieval_metrics
+from cube.baselines import MLPRecipe, Centering, fit_baselines, mlp
+from cube.evaluate import baseline_report
+from cube.metrics import HeldOut, Split, retrieval_metrics
 from cube.teacher import Teacher, TeacherConfig, TeacherError, resolve_source
 
 
 def linear_task(n, dim=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(dim, dim, generator=g)
     q = torch.randn(n, dim, generator=g) + 3.0  # an offset: centring matters
-    return Split(q, q @ w + 0.05 * torch.randn(n, dim, generator=g))
+    return Split(q, q @ torch.eye(dim).roll(1, 0) + 0.05 * torch.randn(n, dim, generator=g))
+
+
+def held_out(split: Split) -> HeldOut:
+    n = len(split.q)
+    return HeldOut(split.q, split.a, torch.arange(n), [f"q{i}" for i in range(n)], [f"a{i}" for i in range(n)])
 
 
 def test_ridge_recovers_a_linear_map_and_mean_answer_is_at_chance():
-    train, val, test = linear_task(400), linear_task(60, seed=1), linear_task(60, seed=2)
-    train.a, val.a, test.a = train.q @ torch.eye(16).roll(1, 0), val.q @ torch.eye(16).roll(1, 0), test.q @ torch.eye(16).roll(1, 0)
-    models = fit_baselines(train, val, param_budget=2000)
+    train, val, test = linear_task(400), held_out(linear_task(60, seed=1)), held_out(linear_task(60, seed=2))
+    models = fit_baselines(train, val, seeds=1)
     c = Centering.fit(train)
-    score = {k: retrieval_metrics(p.predict(test.q), c.answers(test.a, p.space), torch.arange(60))["mrr"]
+    score = {k: retrieval_metrics(p[0].predict(test.q), c.answers(test.pool, p[0].space), test.target)["mrr"]
              for k, p in models.items()}
     assert score["ridge_centred"] > 0.95
     assert score["mean_answer"] < 0.2
     assert score["ridge_centred"] > score["identity_centred"]
 
 
-def test_mlp_width_tracks_the_parameter_budget():
-    h = mlp_hidden_for(384, 700_000)
-    params = sum(p.numel() for p in ResidualMLP(384, h).parameters())
-    assert abs(params - 700_000) / 700_000 < 0.02
+def nonlinear_task(n, dim=16, seed=0):
+    """Answers are a sign-flipped copy of the question: no linear map and no identity ranks them."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, dim, generator=g)
+    return Split(q, torch.where(q[:, :1] > 0, q, -q.roll(3, 1)) + 0.05 * torch.randn(n, dim, generator=g))
+
+
+def test_mlp_learns_a_nonlinear_map_picks_its_epochs_on_val_and_averages_seeds():
+    train, val, test = nonlinear_task(600), held_out(nonlinear_task(80, seed=1)), held_out(nonlinear_task(80, seed=2))
+    recipe = MLPRecipe(hidden=64, epoch_grid=(2, 10))
+    preds = mlp(train, val, Centering.fit(train), "centred", seeds=2, recipe=recipe)
+    assert len(preds) == 2 and "epochs=10 (chosen on val)" in preds[0].detail
+    report = baseline_report(train, val, test, seeds=2)
+    assert report["baselines"]["mlp_centred"]["mrr_std"] >= 0.0
+    c = Centering.fit(train)
+    mlp_mrr = sum(retrieval_metrics(p.predict(test.q), c.answers(test.pool, p.space), test.target)["mrr"] for p in preds) / 2
+    assert mlp_mrr > report["baselines"]["identity_centred"]["mrr"] + 0.2
+    assert mlp_mrr > report["baselines"]["ridge_centred"]["mrr"]
 
 
 def test_bundled_minilm_embeds_locally():

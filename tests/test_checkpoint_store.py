@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from cube import store
-from cube.checkpoint import (CheckpointError, load_checkpoint, load_train_state, restore_training_state,
-                             save_checkpoint, save_train_state, training_state)
+from cube.training import restore_training_state, training_state
+from cube.checkpoint import (CheckpointError, load_checkpoint, load_train_state,
+                             save_checkpoint, save_train_state)
 from cube.model import CellularCube, CubeConfig
 from cube.teacher import TeacherConfig
 from cube.training import OptimConfig, make_optimizer

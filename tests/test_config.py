@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from cube.config import load_config, save_config, to_dict
-from jobs.train import TrainConfig
+from cube.job_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +65,7 @@ def test_shipped_configs_are_valid_train_configs():
 
 
 def test_pipeline_threads_share_the_node_between_actors():
-    from jobs.embed import PipelineOptions
+    from cube.job_config import PipelineOptions
 
     assert PipelineOptions().threads(node_cpus=2) == 2  # one actor reserving 1 CPU still uses both cores
     assert PipelineOptions(concurrency=4).threads(node_cpus=16) == 4

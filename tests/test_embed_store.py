@@ -87,7 +87,8 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path):
 
 def test_train_end_to_end_with_smollm2(ray_cluster, tmp_path):
     from cube.config import load_config
-    from jobs.train import TrainConfig, train
+    from cube.job_config import TrainConfig
+    from jobs.trainer import train
 
     small = tmp_path / "small.jsonl"
     load_qa(SHIPPED_DATASET).iloc[::10][["question", "answer", "topic"]].to_json(small, orient="records", lines=True)

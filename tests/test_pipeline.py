@@ -30,7 +30,8 @@ def trained_run(smoke_run):
 
 
 def test_embedding_stage_writes_a_resumable_parquet_store(ray_cluster, tmp_path):
-    from jobs.embed import PipelineOptions, embed_texts
+    from cube.job_config import PipelineOptions
+    from jobs.embedding import embed_texts
 
     texts = pd.read_json(ROOT / "tests" / "data" / "tiny.jsonl", lines=True)["question"].tolist()
     teacher = TeacherConfig()
@@ -75,15 +76,18 @@ def test_eval_json_shape(trained_run):
     keys = {"cos", "recall@1", "recall@5", "mrr"}
     assert set(report["cube"]) == keys
     assert {"identity", "mean_answer", "ridge", "mlp"} <= set(report["baselines"])
-    assert all(set(m) == keys for m in report["baselines"].values())
+    assert all(keys <= set(m) for m in report["baselines"].values())
+    assert "mrr_std" in report["baselines"]["mlp_centred"]  # stochastic: the mean over seeds
     assert len(report["examples"]) == 5
 
 
 def test_eval_on_another_file_uses_every_row(trained_run):
-    from jobs.eval import evaluate_run
+    from cube.evaluate import evaluate_run
+    from cube.rundir import RunDir
+    from jobs.eval import held_out_file
 
     run, _ = trained_run
-    report = evaluate_run(run, ROOT / "tests" / "data" / "tiny.jsonl")
+    report = evaluate_run(run, held_out_file(RunDir(run), ROOT / "tests" / "data" / "tiny.jsonl"))
     assert report["pool_size"] == 8 and report["cube"]["mrr"] > report["chance"]["mrr"]
 
 

@@ -77,7 +77,8 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, undisturbed):
 def test_killed_worker_is_replaced_and_the_run_completes(ray_cluster, tmp_path, undisturbed):
     from ray.util.state import list_actors
 
-    from jobs.train import TrainConfig, train
+    from cube.job_config import TrainConfig
+    from jobs.trainer import train
 
     run = tmp_path / "run"
     cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", [*OVERRIDES, "max_failures=1"])

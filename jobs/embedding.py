@@ -1,0 +1,267 @@
+"""The Ray Data embedding pipeline: Q&A text → teacher embeddings → a resumable Parquet store.
+
+    read file ─▶ texts + ids ─▶ SkipDone ─▶ TeacherActor (actor pool) ─▶ PartSink (atomic parts)
+
+The file is streamed, never held in memory; the teacher loads once per actor; every block
+becomes its own Parquet part, written under a temporary name and renamed into place. Kill a
+run halfway and rerun it: finished parts stay, and only texts no part holds are embedded.
+
+With --generate-answers the file needs only questions: an instruct teacher writes an answer
+for each (greedy, bounded length), stored in OUTPUT/generated/ with the generator's name, and
+collected into OUTPUT/qa.parquet, which `cube train --data` accepts.
+
+`cube embed` (jobs/embed.py) is its command line; `cube train` and `cube tune` call
+`embed_pairs`. Everything a Ray worker runs lives here, in an importable module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cube import store
+from cube.config import from_dict, to_dict
+from cube.data import DataConfig, iter_pairs, text_id
+from cube.generate import AnswerWriter, GeneratorConfig
+from cube.job_config import EmbedConfig, PipelineOptions
+from cube.teacher import TeacherConfig, load_teacher
+from jobs.common import ensure_ray
+
+log = logging.getLogger("cube.embed")
+# The light stages (read, id, skip, write) take a sliver of a CPU each: with Ray's default of one
+# CPU per task they would wait forever behind a teacher actor on a 2-core machine. The id filter
+# is an actor that idles between batches, so it reserves none. Ray Data's Parquet file listing
+# still asks for a whole CPU and takes no options: see check_room_for_listing.
+LIGHT = {"num_cpus": 0.1}
+IDLE_ACTOR = {"num_cpus": 0}
+
+
+# ---------------------------------------------------------------- Ray Data stages
+
+
+class TeacherActor:
+    """One teacher per actor, reused for every batch."""
+
+    def __init__(self, teacher: dict[str, Any], device: str, pipeline: dict[str, Any]) -> None:
+        torch.set_num_threads(from_dict(PipelineOptions, pipeline).threads())  # on the actor's node
+        self.teacher = load_teacher(from_dict(TeacherConfig, teacher), device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.teacher.embed([str(t) for t in batch["text"]])
+        return {"id": batch["id"], "text": batch["text"], "vector": out.vectors, "truncated": out.truncated}
+
+
+class WriterActor:
+    """One instruct model per actor; answers each question of the batch."""
+
+    def __init__(self, generator: dict[str, Any], device: str, pipeline: dict[str, Any]) -> None:
+        torch.set_num_threads(from_dict(PipelineOptions, pipeline).threads())
+        self.cfg = from_dict(GeneratorConfig, generator)
+        self.writer = AnswerWriter(self.cfg, device)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return batch.assign(answer=self.writer.answer(batch["question"].tolist()), generator=self.cfg.name)
+
+
+class SkipDone:
+    """Drops rows whose id a folder of parts already holds (loaded once per actor)."""
+
+    def __init__(self, folder: str) -> None:
+        self.done = store.existing_ids(Path(folder))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return batch[~batch["id"].isin(self.done)]
+
+
+def texts_of(columns: tuple[str, ...]) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def explode(batch: pd.DataFrame) -> pd.DataFrame:
+        texts = pd.unique(pd.concat([batch[c].astype(str).str.strip() for c in columns]))
+        return pd.DataFrame({"id": [text_id(t) for t in texts], "text": texts})
+
+    return explode
+
+
+def with_question_ids(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def add(batch: pd.DataFrame) -> pd.DataFrame:
+        q = batch[column].astype(str).str.strip()
+        return pd.DataFrame({"id": [text_id(t) for t in q], "question": q})
+
+    return add
+
+
+class PartSink:
+    """A Datasink that turns each block into one complete Parquet part in `folder`."""
+
+    def __new__(cls, folder: Path, make_table: Callable[[pd.DataFrame], pa.Table]):
+        from ray.data import Datasink
+        from ray.data.block import BlockAccessor
+
+        class _PartSink(Datasink):
+            def write(self, blocks: Iterable, ctx) -> int:
+                rows = 0
+                for block in blocks:
+                    df = BlockAccessor.for_block(block).to_pandas()
+                    if len(df):
+                        store.write_part(folder, make_table(df))
+                        rows += len(df)
+                return rows
+
+            @property
+            def supports_distributed_writes(self) -> bool:
+                return False  # a local folder lives on the driver's node
+
+        return _PartSink()
+
+
+def store_table(identity: dict[str, Any]) -> Callable[[pd.DataFrame], pa.Table]:
+    def make(df: pd.DataFrame) -> pa.Table:
+        vectors = np.stack(df["vector"].to_numpy()).astype(np.float32)
+        return store.to_table(df["id"].tolist(), df["text"].tolist(), vectors, df["truncated"].to_numpy(bool), identity)
+
+    return make
+
+
+def generated_table(df: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(df[["id", "question", "answer", "generator"]], preserve_index=False)
+
+
+def check_room_for_listing(opts: PipelineOptions) -> None:
+    """Ray Data lists Parquet files in a task that needs one whole free CPU (and takes no
+    options); if the teacher actors hold the rest, the read waits forever. Refuse up front.
+
+    Raises:
+        ValueError: naming the settings to change.
+    """
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    held = opts.concurrency * opts.cpus_per_actor
+    if total - held < 1:
+        raise ValueError(f"{opts.concurrency} teacher actors x {opts.cpus_per_actor} CPU leave less than the one free CPU "
+                         f"that Ray Data needs to list a Parquet file (cluster CPUs: {total:g}); lower "
+                         "pipeline.concurrency or pipeline.cpus_per_actor")
+
+
+def read_file(path: Path, columns: list[str], opts: PipelineOptions):
+    """A streaming Ray dataset of `columns` (all read as text) from JSONL, CSV or Parquet."""
+    import pyarrow.csv as pcsv
+    import ray.data
+
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        ds = ray.data.read_json(str(path), lines=True, ray_remote_args=LIGHT)
+    elif suffix == ".csv":
+        types = {c: pa.string() for c in columns}
+        ds = ray.data.read_csv(str(path), convert_options=pcsv.ConvertOptions(column_types=types), ray_remote_args=LIGHT)
+    else:
+        check_room_for_listing(opts)
+        ds = ray.data.read_parquet(str(path), columns=columns, ray_remote_args=LIGHT)
+    return ds.select_columns(columns, **LIGHT)
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder: Path) -> None:
+    import ray.data
+
+    device = "cuda" if opts.num_gpus > 0 else "cpu"
+    texts = texts.map_batches(SkipDone, fn_constructor_kwargs={"folder": str(folder)}, batch_format="pandas",
+                              compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
+    vectors = texts.map_batches(TeacherActor, fn_constructor_kwargs={"teacher": to_dict(teacher), "device": device, "pipeline": to_dict(opts)},
+                                batch_size=opts.batch_size, compute=ray.data.ActorPoolStrategy(size=opts.concurrency),
+                                num_gpus=opts.num_gpus or None, num_cpus=opts.cpus_per_actor)
+    vectors.write_datasink(PartSink(folder, store_table(teacher.identity())), ray_remote_args=LIGHT)
+
+
+def embed_texts(texts: Iterable[str], teacher: TeacherConfig, opts: PipelineOptions, folder: Path | None = None) -> Path:
+    """Make sure every text (held in memory) has a vector in the store; returns the store folder."""
+    import ray.data
+
+    identity = teacher.identity()
+    folder = store.open_store(folder or store.default_store(identity), identity)
+    unique = {text_id(t): t for t in texts}
+    done = store.existing_ids(folder)
+    todo = [{"id": i, "text": t} for i, t in unique.items() if i not in done]
+    log.info("embedding store %s: %d texts wanted, %d already embedded, %d to embed",
+             folder, len(unique), len(unique) - len(todo), len(todo))
+    if todo:
+        ensure_ray()
+        blocks = max(1, math.ceil(len(todo) / (opts.batch_size * 4)))  # small blocks: a resume loses little
+        _embed_dataset(ray.data.from_items(todo, override_num_blocks=blocks), teacher, opts, folder)
+    return folder
+
+
+def vectors_for(folder: Path, texts: list[str]) -> np.ndarray:
+    """(len(texts), dim) vectors in the order of `texts`.
+
+    Raises:
+        store.StoreError: a text has no vector (the embedding step did not finish).
+    """
+    ids = [text_id(t) for t in texts]
+    found = store.lookup(folder, ids)
+    missing = [t for t, i in zip(texts, ids) if i not in found]
+    if missing:
+        raise store.StoreError(f"{len(missing)} texts have no vector in {folder} (first: {missing[0][:80]!r}); rerun to embed them")
+    return np.stack([found[i] for i in ids]).astype(np.float32)
+
+
+def embed_pairs(df: pd.DataFrame, teacher: TeacherConfig, opts: PipelineOptions, folder: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Question and answer vectors for every row of a validated Q&A frame."""
+    questions, answers = df["question"].tolist(), df["answer"].tolist()
+    folder = embed_texts(questions + answers, teacher, opts, folder)
+    return vectors_for(folder, questions), vectors_for(folder, answers)
+
+
+def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
+    """Answer every question of `path` with the generator; returns OUTPUT/qa.parquet."""
+    import ray.data
+
+    parts = out / "generated"
+    parts.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if cfg.pipeline.num_gpus > 0 else "cpu"
+    questions = read_file(path, [cfg.data.question_col], cfg.pipeline).map_batches(
+        with_question_ids(cfg.data.question_col), batch_format="pandas", **LIGHT)
+    todo = questions.map_batches(SkipDone, fn_constructor_kwargs={"folder": str(parts)}, batch_format="pandas",
+                                 compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
+    answered = todo.map_batches(WriterActor, fn_constructor_kwargs={"generator": to_dict(cfg.generator), "device": device,
+                                                       "pipeline": to_dict(cfg.pipeline)},
+                                batch_size=8, batch_format="pandas", num_gpus=cfg.pipeline.num_gpus or None,
+                                num_cpus=cfg.pipeline.cpus_per_actor,
+                                compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.concurrency))
+    answered.write_datasink(PartSink(parts, generated_table), ray_remote_args=LIGHT)
+    table = pa.concat_tables([pq.read_table(p) for p in store.parts(parts)])
+    qa = table.drop_columns(["id"])
+    target = out / "qa.parquet"
+    tmp = out / f".qa.parquet.tmp{os.getpid()}"
+    pq.write_table(qa, tmp)
+    os.replace(tmp, target)
+    log.info("%d teacher-written answers (generator %s) → %s", qa.num_rows, cfg.generator.name, target)
+    return target
+
+
+def embed_file(path: Path, out: Path, cfg: EmbedConfig) -> dict[str, Any]:
+    """Validate, (generate answers,) embed; returns a summary. Nothing is written if validation fails."""
+    rows = sum(1 for _ in iter_pairs(path, cfg.data, require_answer=not cfg.generate_answers))
+    identity = cfg.teacher.identity()
+    store.open_store(out, identity)
+    ensure_ray()
+    columns = [cfg.data.question_col, cfg.data.answer_col]
+    if cfg.generate_answers:
+        path, columns = generate_answers(path, out, cfg), ["question", "answer"]
+    before = len(store.existing_ids(out))
+    texts = read_file(path, columns, cfg.pipeline).map_batches(texts_of(tuple(columns)), batch_format="pandas", **LIGHT)
+    _embed_dataset(texts, cfg.teacher, cfg.pipeline, out)
+    table = store.read_all(out, columns=["id", "truncated"])
+    return {"rows": rows, "texts_in_store": table.num_rows, "embedded_now": table.num_rows - before,
+            "truncated": int(sum(table.column("truncated").to_pylist())), "max_length": cfg.teacher.max_length,
+            "store": str(out), "teacher": identity}

@@ -1,0 +1,196 @@
+"""Ray Train around the cube's one training loop: a run folder in, a trained run folder out.
+
+    prepare_run: validate + split + embed (cached) the data, write the run folder's inputs
+    fit_run:     a TorchTrainer (DDP: gloo on CPU, NCCL on GPU) whose workers call cube.training.fit
+    train:       both, then the held-out comparison (eval.json) and the curves
+
+Everything a Ray worker runs lives in this importable module, never in an entrypoint that may
+be `__main__` (Ray would pickle it by value). `cube train` (jobs/train.py) is the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cube.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
+from cube.config import from_dict, load_config, save_config, to_dict
+from cube.data import DataError, load_qa, split_pairs
+from cube.evaluate import evaluate_run
+from cube.job_config import TrainConfig
+from cube.metrics import Split
+from cube.rundir import RunDir, vectors_to_arrow, write_json, write_split
+from cube.training import EpochEnd, build_model, fit, peak_lr
+from jobs.common import ensure_ray, require_resources, setup_logging
+from jobs.embedding import embed_pairs
+
+log = logging.getLogger("cube.train")
+
+
+# ---------------------------------------------------------------- per-worker loop (runs in Ray)
+
+
+def _whole_shard(shard) -> Split:
+    """This worker's shard of the training split, read once: a few thousand rows at most, so
+    re-running a Ray Data pipeline every epoch would cost more than it streams."""
+    qs, as_ = [], []
+    for batch in shard.iter_torch_batches(batch_size=4096):
+        qs.append(batch["q"])
+        as_.append(batch["a"])
+    return Split(torch.cat(qs), torch.cat(as_))
+
+
+def _quiet_worker() -> None:
+    import ray.data
+
+    setup_logging()
+    # Ray Train logs every report's full metrics dict from every rank at INFO on a logger named
+    # after its file path; keep the workers to our own one line per epoch.
+    logging.getLogger().setLevel(logging.WARNING)
+    for ours in ("jobs", "cube"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    _quiet_worker()
+    cfg = from_dict(TrainConfig, config["cfg"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    model = build_model(cfg.cube, torch.tensor(config["q_mean"]), torch.tensor(config["a_mean"]), device, cfg.seed)
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_checkpoint(d)[0].state_dict())
+            state = load_train_state(d)
+        log.info("rank %d resumed after epoch %d", rank, state[1]["progress"]["epoch"])
+    if rank == 0:
+        log.info("batch %d per worker × %d workers, peak lr %.2g (scaled to the global batch)",
+                 cfg.optim.batch_size, world, peak_lr(cfg.optim, world))
+
+    def report(end: EpochEnd) -> None:
+        m = end.metrics
+        if rank != 0:
+            ray.train.report(m)  # every rank reports the same number of times
+            return
+        log.info("epoch %d/%d  loss %.3f  val_mrr %.3f  val_r@1 %.3f  grad %.2f  %.0f samples/s", m["epoch"],
+                 cfg.optim.epochs, m["loss_total"], m["val_mrr"], m["val_recall_at_1"], m["grad_norm"], m["samples_per_s"])
+        with tempfile.TemporaryDirectory() as d:
+            save_epoch(d, end, config["teacher"], cfg.data.seed)
+            ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    fit(model, _whole_shard(ray.train.get_dataset_shard("train")), config["val"], cfg.loss, cfg.optim,
+        seed=cfg.seed, probe=config["probe"], on_epoch=report, state=state, world_size=world,
+        wrap=ray.train.torch.prepare_model, steps_per_epoch=config["steps_per_epoch"])
+
+
+# ---------------------------------------------------------------- driver
+
+
+def prepare_run(run: RunDir, cfg: TrainConfig, data_path: Path) -> None:
+    """Validate + split + embed the data and write the run folder's inputs.
+
+    Raises:
+        DataError: bad rows, before anything is written.
+    """
+    df = split_pairs(load_qa(data_path, cfg.data), cfg.data)
+    q, a = embed_pairs(df, cfg.teacher, cfg.pipeline)
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.path / "config.yaml")
+    write_json(run.path / "teacher.json", {**to_dict(cfg.teacher), "dim": int(q.shape[1])})
+    write_split(run.path / "split.parquet", df, q, a)
+
+
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What one Ray Train worker reserves (Ray Train's defaults, made explicit for the check)."""
+    return {"CPU": 1.0, "GPU": 1.0 if cfg.use_gpu else 0.0}
+
+
+def trainer_for(run: RunDir, cfg: TrainConfig, callbacks: list | None = None):
+    """The TorchTrainer for a prepared run folder; its Train storage is RUN_DIR/ray."""
+    import pyarrow as pa
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    data = run.data()
+    train = data.split("train")
+    per_worker = len(train.q) // cfg.workers
+    if per_worker < cfg.optim.batch_size:
+        raise DataError(f"the training split has {len(train.q)} pairs: fewer than workers ({cfg.workers}) × "
+                        f"optim.batch_size ({cfg.optim.batch_size}); lower one of them")
+    teacher, dim = run.teacher()
+    config = {
+        "cfg": to_dict(cfg), "teacher": teacher.identity(), "val": data.held_out("val"), "probe": data.probe(),
+        "q_mean": train.q.mean(0).tolist(), "a_mean": train.a.mean(0).tolist(),
+        "steps_per_epoch": per_worker // cfg.optim.batch_size,
+    }
+    # No random_shuffle: its tasks would need CPUs that the training workers hold (deadlock on
+    # a small machine). Each worker reads its shard once and shuffles it per epoch with a seed.
+    table = pa.table({"q": vectors_to_arrow(train.q.numpy()), "a": vectors_to_arrow(train.a.numpy())})
+    return TorchTrainer(
+        train_worker, train_loop_config=config, datasets={"train": ray.data.from_arrow(table)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=worker_resources(cfg)),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=str((run.path / "ray").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_mrr",
+                                                         checkpoint_score_order="max"),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def fit_run(run: RunDir, cfg: TrainConfig) -> None:
+    """Run (or resume) training, then publish the best and last checkpoints into the run folder."""
+    from jobs.metrics_log import MetricsLog
+
+    require_resources([worker_resources(cfg)] * cfg.workers, f"training with {cfg.workers} workers",
+                      cfg.wait_for_resources_s)
+    result = trainer_for(run, cfg, callbacks=[MetricsLog(str(run.path))]).fit()
+    best = result.get_best_checkpoint(metric="val_mrr", mode="max")
+    for src, dst in ((best, "model"), (result.checkpoint, "last")):
+        with src.as_directory() as d:
+            publish(d, run.path / dst)
+    log.info("best checkpoint (val MRR %.3f) → %s", load_checkpoint(run.path / "model")[1]["val"]["mrr"], run.model_dir)
+
+
+def train(data_path: Path | None, run_path: Path, cfg: TrainConfig | None, resume: bool = False) -> dict:
+    """Train into `run_path` (fresh) or continue it (`resume`); returns the held-out report.
+
+    Raises:
+        RunError: `resume` on a folder that is not a run, or a fresh run into an existing one.
+    """
+    from cube.plots import plot_curves
+    from cube.rundir import RunError
+
+    run = RunDir(run_path)
+    if resume:
+        run.require("config.yaml", "split.parquet", "teacher.json")
+        if (run.path / "eval.json").is_file():
+            log.info("%s is already finished; nothing to retrain (delete it to train again)", run.path)
+            return evaluate_run(run.path)
+        cfg = load_config(TrainConfig, run.path / "config.yaml")
+    else:
+        assert cfg is not None and data_path is not None
+        if (run.path / "config.yaml").exists():
+            raise RunError(f"{run.path} already holds a run; pass --resume {run.path} to continue it, "
+                           "or choose another --output")
+        prepare_run(run, cfg, data_path)
+    ensure_ray()
+    fit_run(run, cfg)
+    report = evaluate_run(run.path)
+    write_json(run.path / "eval.json", report)
+    plot_curves(run.path / "metrics.csv", run.path / "curves.png")
+    return report
