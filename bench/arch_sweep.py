@@ -1,133 +1,127 @@
-"""Cube variants against the baselines over several seeds, on one run's embeddings.
+"""Cube variants against the baselines over several seeds and datasets, with the product's own paths.
 
-    python -m bench.arch_sweep --split runs/smollm2/split.parquet --device cuda --seeds 3
+    python -m bench.arch_sweep --split runs/smollm2/split.parquet --split runs/medquad/split.parquet \\
+        --variants default,ep24 --seeds 3 --device cuda --jobs 8 --json out.json
 
-Trains each variant with the library's own training loop (cube.training) on the run's training
-split and reports held-out MRR on val and test (each question ranked in its own split's pool),
-mean ± std over seeds, next to the baselines fit on the same split. Ray is not needed, so it
-runs on a GPU box where Ray is absent; on CPU it takes a few minutes per variant.
+Each variant is a set of `--set`-style overrides applied to the default TrainConfig (the same
+code path as a tuning trial); each (dataset, variant, seed) trains with `cube.training.fit` on
+the split's training pairs and is scored on val and test with the same pool definition as
+`cube eval` (every question against its split's distinct answers). Baselines are fit once per
+dataset on the same split (the MLP over the same seeds). No Ray, so it runs on a GPU box.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import multiprocessing as mp
+import os
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from cube.baselines import Centering, Split, fit_baselines
-from cube.losses import LossConfig
-from cube.metrics import retrieval_metrics
-from cube.model import CellularCube, CubeConfig, count_parameters
-from cube.training import OptimConfig, make_optimizer, score, train_epoch
+from cube.baselines import Centering, fit_baselines
+from cube.config import to_dict
+from cube.evaluate import score_baselines
+from cube.job_config import TrainConfig
+from cube.model import count_parameters
+from cube.rundir import read_split
+from cube.search_space import trial_config
+from cube.training import build_model, fit, score_held_out
 
-VARIANTS: dict[str, dict] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "fire1.0": {"cube": {"fire_rate": 1.0}},
-    "epochs16": {"optim": {"epochs": 16}},
-    "hidden64": {"cube": {"hidden": 64}},
-    "io8": {"cube": {"io_channels": 8}},
-    "C16_io8": {"cube": {"channels": 16, "io_channels": 8}},
-    "steps16": {"cube": {"steps": 16}},
-    "wd0.1": {"optim": {"weight_decay": 0.1}},
-    "lr2e-3_ep16": {"optim": {"lr": 2e-3, "epochs": 16}},
-    "surface0": {"loss": {"surface": 0.0}},
-    "temp0.05": {"loss": {"temperature": 0.05}},
-    "no_residual": {"cube": {"residual": False}},
-    # optimiser steps: 2 DDP workers × batch 32 take half the steps per epoch of one process.
-# The lr is scaled with the batch (OptimConfig.lr_reference_batch), so "bs64" runs at 2e-3.
-    "bs16": {"optim": {"batch_size": 16}},
-    "bs64": {"optim": {"batch_size": 64}},
-    "bs64_lr2e-3": {"optim": {"batch_size": 64, "lr": 2e-3}},
-    "bs16_lr2e-3": {"optim": {"batch_size": 16, "lr": 2e-3}},
-    "lr3e-3": {"optim": {"lr": 3e-3}},
-    "bs16_ep12": {"optim": {"batch_size": 16, "epochs": 12}},
-    "bs16_fire1.0": {"optim": {"batch_size": 16}, "cube": {"fire_rate": 1.0}},
-    "jitter4": {"cube": {"steps_jitter": 4}},
-    "jitter12": {"cube": {"steps_jitter": 12}},
-    "jitter12_internal0.1": {"cube": {"steps_jitter": 12}, "loss": {"internal": 0.1}},
-    "internal0.1": {"loss": {"internal": 0.1}},
-    "no_jitter": {"cube": {"steps_jitter": 0}},
-    "bs64_no_jitter": {"optim": {"batch_size": 64}, "cube": {"steps_jitter": 0}},
-    "bs64_ep12": {"optim": {"batch_size": 64, "epochs": 12}},
-    "bs64_ep16": {"optim": {"batch_size": 64, "epochs": 16}},
-    # fixed rates, to reproduce sweeps that ran before the lr was scaled with the batch
-    "bs64_lr1e-3_fixed": {"optim": {"batch_size": 64, "lr_reference_batch": 0}},
-    "bs64_lr2e-3_fixed": {"optim": {"batch_size": 64, "lr": 2e-3, "lr_reference_batch": 0}},
+    "ep24": {"optim.epochs": 24},
+    "temp0.05": {"loss.temperature": 0.05},
+    "fire1.0": {"cube.fire_rate": 1.0},
+    "io8": {"cube.io_channels": 8},
+    "hidden64": {"cube.hidden": 64},
+    "bs64": {"optim.batch_size": 64},
+    "no_jitter": {"cube.steps_jitter": 0},
 }
 
 
-def load_split(path: str, device: str) -> dict[str, Split]:
-    table = pq.read_table(path)
-    split = np.array(table.column("split").to_pylist())
-
-    def vec(name: str) -> np.ndarray:
-        col = table.column(name).combine_chunks()
-        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
-
-    q, a = vec("q_vec"), vec("a_vec")
-    return {s: Split(torch.tensor(q[split == s], device=device), torch.tensor(a[split == s], device=device))
-            for s in ("train", "val", "test")}
+def dataset(path: str, device: str) -> dict[str, Any]:
+    data = read_split(Path(path))
+    train = data.split("train")
+    return {"train": type(train)(train.q.to(device), train.a.to(device)), "val": data.held_out("val"),
+            "test": data.held_out("test")}
 
 
-def run_variant(splits: dict[str, Split], overrides: dict, seed: int, device: str) -> dict[str, float]:
-    cube = dataclasses.replace(CubeConfig(), **overrides.get("cube", {}))
-    loss = dataclasses.replace(LossConfig(), **overrides.get("loss", {}))
-    optim = dataclasses.replace(OptimConfig(), **overrides.get("optim", {}))
-    torch.manual_seed(seed)
+def run_one(job: tuple[str, str, dict[str, Any], int, str, int]) -> dict[str, Any]:
+    path, name, overrides, seed, device, threads = job
+    torch.set_num_threads(threads)
+    splits = dataset(path, device)
+    cfg = trial_config(TrainConfig, {**to_dict(TrainConfig()), "seed": seed}, overrides)
     train = splits["train"]
-    c = Centering.fit(train)
-    model = CellularCube(cube, train.q.shape[1]).to(device, memory_format=torch.channels_last_3d)
-    model.set_centering(c.q_mean, c.a_mean)
-    steps = len(train.q) // optim.batch_size
-    opt, sched = make_optimizer(model, optim, steps)
-    gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    for _ in range(optim.epochs):
-        order = torch.randperm(len(train.q), generator=gen)[: steps * optim.batch_size].to(device)
-        batches = [(train.q[i], train.a[i]) for i in order.split(optim.batch_size)]
-        train_epoch(model, batches, opt, sched, loss, optim)
-    out = {s: score(model, splits[s].q.cpu(), splits[s].a.cpu(), torch.arange(len(splits[s].q)))["mrr"] for s in ("val", "test")}
-    test = splits["test"]
-    out["test_2T"] = score(model, test.q.cpu(), test.a.cpu(), torch.arange(len(test.q)), steps=2 * cube.steps)["mrr"]  # stability
-    return {**out, "params": count_parameters(model), "seconds": time.perf_counter() - start}
+    model = build_model(cfg.cube, train.q.mean(0), train.a.mean(0), device, seed)
+    fit(model, train, splits["val"], cfg.loss, cfg.optim, seed=seed)
+    out = {s: score_held_out(model, splits[s])["mrr"] for s in ("val", "test")}
+    out["test_2T"] = score_held_out(model, splits["test"], steps=2 * cfg.cube.steps)["mrr"]  # stability
+    return {"split": path, "variant": name, "seed": seed, **out, "params": count_parameters(model),
+            "seconds": time.perf_counter() - start}
+
+
+def baselines(path: str, seeds: int) -> dict[str, dict[str, float]]:
+    splits = dataset(path, "cpu")
+    train = splits["train"]
+    fitted = fit_baselines(train, splits["val"], seeds=seeds)
+    c = Centering.fit(train)
+    return {s: {k: v["mrr"] for k, v in score_baselines(fitted, c, splits[s])["baselines"].items()} for s in ("val", "test")}
+
+
+def summarise(rows: list[dict], base: dict[str, dict]) -> str:
+    lines = []
+    for path in dict.fromkeys(r["split"] for r in rows):
+        b = base[path]
+        best = max(b["val"], key=b["val"].get)  # chosen on val, like everything else
+        lines += ["", f"## {path}", "", f"best baseline on val: {best} (val {b['val'][best]:.3f}, test {b['test'][best]:.3f}); "
+                  "test: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["test"].items(), key=lambda kv: -kv[1])), "",
+                  f"| variant | val MRR | test MRR | test − best baseline | test at 2T | params | s/run |", "|---|---|---|---|---|---|---|"]
+        for name in dict.fromkeys(r["variant"] for r in rows):
+            rs = [r for r in rows if r["split"] == path and r["variant"] == name]
+            if not rs:
+                continue
+            val, test, t2 = (np.array([r[k] for r in rs]) for k in ("val", "test", "test_2T"))
+            lines.append(f"| {name} | {val.mean():.3f} ± {val.std():.3f} | {test.mean():.3f} ± {test.std():.3f} | "
+                         f"{test.mean() - b['test'][best]:+.3f} | {t2.mean():.3f} | {rs[0]['params']:,} | "
+                         f"{np.mean([r['seconds'] for r in rs]):.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", required=True, help="split.parquet of a `cube train` run")
+    p.add_argument("--split", action="append", required=True, help="split.parquet of a `cube train` run (repeatable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--variants", default="default", help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="an ad-hoc variant, e.g. --set 'lr3e-3:optim.lr=0.003'")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (processes sharing the device)")
     p.add_argument("--json", help="also write the raw results here")
     args = p.parse_args()
-    splits = load_split(args.split, args.device)
-    rows: dict[str, list[dict]] = {}
-    for seed in range(args.seeds):
-        base = fit_baselines(splits["train"], splits["val"], param_budget=1_000_000, seed=seed)
-        c = Centering.fit(splits["train"])
-        for name, pred in base.items():
-            res = {s: retrieval_metrics(pred.predict(splits[s].q), c.answers(splits[s].a, pred.space),
-                                        torch.arange(len(splits[s].q), device=splits[s].q.device))["mrr"] for s in ("val", "test")}
-            rows.setdefault(f"baseline:{name}", []).append(res)
-        for name in args.variants:
-            rows.setdefault(name, []).append(run_variant(splits, VARIANTS[name], seed, args.device))
-            print(f"seed {seed} {name}: {rows[name][-1]}", flush=True)
-    print(f"\n{'method':<26} {'val MRR':>14} {'test MRR':>14} {'val+test':>14} {'test at 2T':>14}")
-    for name, results in rows.items():
-        val = np.array([r["val"] for r in results])
-        test = np.array([r["test"] for r in results])
-        both = (val + test) / 2
-        at_2t = np.array([r.get("test_2T", np.nan) for r in results])
-        print(f"{name:<26} {val.mean():>8.3f}±{val.std():.3f} {test.mean():>8.3f}±{test.std():.3f} "
-              f"{both.mean():>8.3f}±{both.std():.3f} {at_2t.mean():>8.3f}±{at_2t.std():.3f}")
+    variants = {v: VARIANTS[v] for v in args.variants.split(",") if v}
+    for spec in args.extra:
+        name, _, pairs = spec.partition(":")
+        import yaml
+
+        variants[name] = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in pairs.split(","))}
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = [(path, name, ov, seed, args.device, threads) for path in args.split for name, ov in variants.items()
+            for seed in range(args.seeds)]
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        pending = pool.map_async(run_one, jobs)
+        base = {path: baselines(path, args.seeds) for path in args.split}
+        rows = pending.get()
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    print(summarise(rows, base))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        Path(args.json).write_text(json.dumps({"runs": rows, "baselines": base}, indent=1))
 
 
 if __name__ == "__main__":

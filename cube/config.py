@@ -26,7 +26,7 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; allow only lossless conversions."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -38,7 +38,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return coerce(value, arg, key)
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(f"{key}: {value!r} matches none of {tp}")
@@ -51,7 +51,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key}: expected a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
@@ -91,7 +91,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"unknown config key(s) {[prefix + k for k in unknown]}; "
             f"valid keys under {prefix or 'the top level'}: {sorted(types_)}"
         )
-    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
+    kwargs = {k: coerce(v, types_[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ValueError as e:  # __post_init__ validation
@@ -118,7 +118,7 @@ def _parse_scalar(raw: str, tp: Any) -> Any:
     return yaml.safe_load(raw)
 
 
-def _resolve(cls: type, dotted: str) -> tuple[Any, list[str]]:
+def resolve_key(cls: type, dotted: str) -> tuple[Any, list[str]]:
     """Return the annotation of `dotted` inside `cls` and its path."""
     path = dotted.split(".")
     tp: Any = cls
@@ -146,7 +146,7 @@ def apply_overrides(data: dict[str, Any], cls: type, overrides: list[str]) -> di
             raise ValueError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
-        tp, path = _resolve(cls, key)
+        tp, path = resolve_key(cls, key)
         if _is_dataclass_type(tp):
             if "name" not in _field_types(tp):
                 raise ValueError(f"override {key!r}: {key} is a section; set one of its keys, e.g. {key}.<key>=...")

@@ -17,7 +17,7 @@ from cube.model import CellularCube, count_parameters
 from cube.rundir import RunDir
 from cube.training import predict
 
-__all__ = ["HeldOut", "baseline_report", "compare", "format_report"]
+__all__ = ["HeldOut", "baseline_report", "compare", "evaluate_run", "format_report", "score_baselines"]
 
 
 def _mean_metrics(predictors: list[Predictor], test: HeldOut, centering: Centering) -> dict[str, float]:
@@ -29,14 +29,17 @@ def _mean_metrics(predictors: list[Predictor], test: HeldOut, centering: Centeri
     return out
 
 
-def baseline_report(train: Split, val: HeldOut, test: HeldOut, seeds: int = 3) -> dict:
-    """Every baseline's held-out metrics (mean over seeds where it is stochastic) and the best one."""
-    centering = Centering.fit(train)
-    fitted = fit_baselines(train, val, seeds=seeds)
+def score_baselines(fitted: dict[str, list[Predictor]], centering: Centering, test: HeldOut) -> dict:
+    """Held-out metrics of fitted baselines (mean over seeds where stochastic) and the best one."""
     metrics = {name: _mean_metrics(preds, test, centering) for name, preds in fitted.items()}
     details = {name: {"space": preds[0].space, "detail": preds[0].detail} for name, preds in fitted.items()}
     best = max(metrics, key=lambda k: metrics[k]["mrr"])
     return {"baselines": metrics, "baseline_details": details, "best_baseline": best}
+
+
+def baseline_report(train: Split, val: HeldOut, test: HeldOut, seeds: int = 3) -> dict:
+    """Every baseline fit on `train` (choices made on `val`), scored on `test`."""
+    return score_baselines(fit_baselines(train, val, seeds=seeds), Centering.fit(train), test)
 
 
 def compare(model: CellularCube, train: Split, val: HeldOut, test: HeldOut, seeds: int = 3, n_examples: int = 5,
@@ -62,14 +65,19 @@ def compare(model: CellularCube, train: Split, val: HeldOut, test: HeldOut, seed
     return report
 
 
-def evaluate_run(run_path: str | Path, test: HeldOut | None = None, source: str | None = None) -> dict:
-    """The comparison report for a run: on its own test split, or on `test` (from another file)."""
+def evaluate_run(run_path: str | Path, test: HeldOut | None = None, source: str | None = None,
+                 fitted: dict[str, list[Predictor]] | None = None) -> dict:
+    """The comparison report for a run: on its own test split, or on `test` (from another file).
+
+    `fitted` are baselines already fit on the run's training split (a sweep fits them once)."""
     run = RunDir(run_path)
     run.require("model", "split.parquet", "teacher.json", "config.yaml")
     teacher, _ = run.teacher()
     model, _ = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
     pairs = run.data()
-    report = compare(model, pairs.split("train"), pairs.held_out("val"), test or pairs.held_out("test"))
+    train, test = pairs.split("train"), test or pairs.held_out("test")
+    baselines = score_baselines(fitted, Centering.fit(train), test) if fitted else None
+    report = compare(model, train, pairs.held_out("val"), test, baselines=baselines)
     report["evaluated_on"] = source or f"{run.path}/split.parquet (test split)"
     report["teacher"] = teacher.identity()
     return report

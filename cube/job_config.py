@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cube.data import DataConfig
 from cube.generate import GeneratorConfig
@@ -83,3 +84,36 @@ class TrainConfig:
             raise ValueError(f"wait_for_resources_s must be >= 0, got {self.wait_for_resources_s}")
         if self.optim.precision == "fp16" and not self.use_gpu:
             raise ValueError("optim.precision=fp16 needs use_gpu=true; use bf16 on CPU")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """How a sweep runs; what each trial trains is a TrainConfig (`--config`, `--set`) with the
+    search space's draws applied on top."""
+
+    trials: int = 40
+    max_concurrent: int = 0  # trials at once; 0 = as many as the cluster's CPUs/GPUs hold
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractional: 0.25 packs four trials on a GPU
+    workers_per_trial: int = 0  # 0 = each trial trains in its own process; N = a Ray Train run of N workers
+    scheduler: Literal["asha", "fifo"] = "asha"  # ASHA stops weak trials early on validation MRR
+    search: Literal["tpe", "random"] = "tpe"  # Optuna's TPE, or random search
+    grace_period: int = 2  # epochs every trial gets before ASHA may stop it
+    reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
+    robustness_seeds: int = 3  # the winner retrained with this many seeds (0 = skip)
+    max_failures: int = 1  # retries of a trial that crashed (e.g. its node went away), from its checkpoint
+    seed: int = 0  # the searcher's seed
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.max_concurrent < 0:
+            raise ValueError(f"need trials >= 1 and max_concurrent >= 0, got {self.trials}, {self.max_concurrent}")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.workers_per_trial < 0:
+            raise ValueError("need cpus_per_trial > 0, gpus_per_trial >= 0 and workers_per_trial >= 0")
+        if self.workers_per_trial and self.gpus_per_trial not in (0.0, 1.0):
+            raise ValueError("with workers_per_trial, each Ray Train worker takes a whole GPU: use gpus_per_trial 0 or 1")
+        if self.scheduler not in ("asha", "fifo") or self.search not in ("tpe", "random"):
+            raise ValueError(f"scheduler must be asha|fifo and search tpe|random, got {self.scheduler!r}, {self.search!r}")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError(f"need grace_period >= 1 and reduction_factor >= 2, got {self.grace_period}, {self.reduction_factor}")
+        if self.robustness_seeds < 0 or self.max_failures < 0:
+            raise ValueError("robustness_seeds and max_failures must be >= 0")

@@ -57,6 +57,13 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_split(path: Path) -> "RunData":
+    """A run's split.parquet (every pair with its split and vectors)."""
+    table = pq.read_table(path)
+    frame = table.drop_columns(["q_vec", "a_vec"]).to_pandas()
+    return RunData(frame, arrow_to_vectors(table.column("q_vec")), arrow_to_vectors(table.column("a_vec")))
+
+
 @dataclass
 class RunData:
     """The pairs of a run with their vectors, split by split."""
@@ -104,6 +111,4 @@ class RunDir:
 
     def data(self) -> RunData:
         self.require("split.parquet")
-        table = pq.read_table(self.path / "split.parquet")
-        frame = table.drop_columns(["q_vec", "a_vec"]).to_pandas()
-        return RunData(frame, arrow_to_vectors(table.column("q_vec")), arrow_to_vectors(table.column("a_vec")))
+        return read_split(self.path / "split.parquet")

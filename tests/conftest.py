@@ -51,12 +51,14 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     """
     import ray
 
-    port, dash = free_port(), free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # the job agent's default port may be held by another Ray on this machine (a user's own)
+         f"--dashboard-agent-listen-port={agent}",
          "--object-store-memory=400000000", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     address = f"127.0.0.1:{port}"

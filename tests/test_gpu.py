@@ -1,4 +1,5 @@
-"""GPU tier: the cube on CUDA, with bf16 and fp16 autocast. Skips cleanly without a GPU.
+"""GPU tier: the cube on CUDA, with bf16 and fp16 autocast, and the graphed training step
+(cube/graph_step.py) against the eager one. Skips cleanly without a GPU.
 
 Run on a GPU box with `pytest tests/test_gpu.py` (the cube library needs no Ray, so this
 runs where Ray is not installed).
@@ -48,3 +49,80 @@ def test_mixed_precision_training_reduces_loss(precision):
         last = train_epoch(model, batches(5, 64, "cuda"), opt, sched, LossConfig(), optim, scaler)
     assert torch.isfinite(torch.tensor(last["loss/total"]))
     assert last["loss/total"] < first["loss/total"]
+
+
+# --- the graphed fast path (cube/graph_step.py) against the eager step ----------------------
+
+
+@pytest.fixture
+def strict_fp32():
+    """No TF32, deterministic cuDNN: eager and graphed steps then differ only by rounding."""
+    flags = ("allow_tf32", "benchmark", "deterministic")
+    saved = [getattr(torch.backends.cudnn, f) for f in flags], torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, False, True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    for f, v in zip(flags, saved[0]):
+        setattr(torch.backends.cudnn, f, v)
+    torch.backends.cuda.matmul.allow_tf32 = saved[1]
+
+
+def twin_models(cfg: CubeConfig, dim: int) -> tuple[CellularCube, CellularCube]:
+    torch.manual_seed(0)
+    model = CellularCube(cfg, dim)
+    with torch.no_grad():
+        model.decoder.weight.normal_(0, 0.05)
+    twin = CellularCube(cfg, dim)
+    twin.load_state_dict(model.state_dict())
+    return tuple(m.cuda().to(memory_format=torch.channels_last_3d) for m in (model, twin))
+
+
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_graphed_step_matches_eager_fp32(strict_fp32, compile_step):
+    """Default cube with step jitter (five graphs, replayed in random order), fire_rate 1:
+    same losses, gradient norms and weights as train_epoch, step by step."""
+    from cube.graph_step import GraphedCubeStep
+
+    cfg = CubeConfig(fire_rate=1.0)
+    optim = OptimConfig(epochs=1, lr=3e-3, warmup_fraction=0.3)
+    data = list(batches(6, 64, "cuda"))
+    eager, fast_model = twin_models(cfg, 64)
+    opt, sched = make_optimizer(eager, optim, steps_per_epoch=len(data))
+    fast = GraphedCubeStep(fast_model, LossConfig(), optim, 32, steps_per_epoch=len(data), compile_step=compile_step)
+    torch.manual_seed(1)  # the step counts come from the CPU generator in both
+    want = [train_epoch(eager, [b], opt, sched, LossConfig(), optim) for b in data]
+    torch.manual_seed(1)
+    got = [(fast.step(q, a), fast.terms["grad_norm"]) for q, a in data]
+    tol = {"rtol": 1e-3, "atol": 1e-5} if compile_step else {"rtol": 1e-4, "atol": 1e-6}
+    torch.testing.assert_close(torch.stack([g[0] for g in got]).cpu(), torch.tensor([w["loss/total"] for w in want]), **tol)
+    torch.testing.assert_close(torch.stack([g[1] for g in got]).cpu(), torch.tensor([w["grad_norm"] for w in want]), **tol)
+    # Fused kernels round differently; Adam's first steps move a weight by ~lr whatever the size of
+    # its gradient, so a near-zero gradient may flip: the compiled weights get a loose bound.
+    atol = 5e-3 if compile_step else 1e-5
+    for p, q in zip(fast_model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=atol)
+
+
+def test_graphed_step_bf16_trains():
+    from cube.graph_step import GraphedCubeStep
+
+    torch.manual_seed(0)
+    model = CellularCube(CubeConfig(), 64).cuda()  # default cube: fire 0.75, jitter 4
+    optim = OptimConfig(epochs=1, lr=3e-3, precision="bf16")
+    fast = GraphedCubeStep(model, LossConfig(), optim, 32, steps_per_epoch=40)
+    data = list(batches(5, 64, "cuda"))
+    losses = torch.stack([fast.step(*data[i % 5]) for i in range(40)]).cpu()
+    assert torch.isfinite(losses).all()
+    assert losses[-5:].mean() < losses[:5].mean()
+
+
+def test_graphed_step_refuses_replaced_optimizer_state():
+    from cube.graph_step import GraphedCubeStep
+
+    cfg = CubeConfig(width=5, height=5, depth=4, channels=4, hidden=8, io_channels=2, steps=3)
+    fast = GraphedCubeStep(CellularCube(cfg, 64).cuda(), LossConfig(), OptimConfig(epochs=1), 32, steps_per_epoch=10)
+    q, a = next(batches(1, 64, "cuda"))
+    fast.step(q, a)
+    fast.optimizer.load_state_dict(fast.optimizer.state_dict())
+    with pytest.raises(RuntimeError, match="replaced"):
+        fast.step(q, a)

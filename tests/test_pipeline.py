@@ -113,19 +113,6 @@ def test_serve_answers_over_http(trained_run):
         stop()
 
 
-def test_ray_job_submit_runs_an_entrypoint(ray_cluster, tmp_path):
-    out = tmp_path / "store"
-    runtime_env = json.dumps({"env_vars": {"CUBE_CACHE": str(tmp_path / "cache")}})
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
-         "--working-dir", str(ROOT), "--runtime-env-json", runtime_env, "--",
-         "python", "-m", "jobs.embed", "tests/data/tiny.jsonl", "--output", str(out)],
-        env=ray_cluster.env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    assert "succeeded" in proc.stdout + proc.stderr
-    assert store.read_all(out).num_rows == 16  # 8 questions + 8 answers
-
-
 def test_analyze_writes_a_report_with_figures(trained_run):
     run, _ = trained_run
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "analyze", "--run", str(run), "--damage-trials", "3"],

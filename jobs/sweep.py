@@ -1,0 +1,378 @@
+"""Ray Tune + Optuna over the cube: trials, the Tuner, resume, and the winner's run folder.
+
+A sweep folder is a run folder's inputs (config.yaml, teacher.json, split.parquet: embedded
+once, trials read vectors and never the teacher) plus Tune's experiment (ray/) and what the
+report writes. A trial is one call of `cube.training.fit` in its own process, reporting every
+epoch to Tune (ASHA stops weak ones); with `workers_per_trial` it is a driver that fits its own
+Ray Train `TorchTrainer` instead, the way Ray 2.60 combines Tune with Train.
+
+Everything a Ray worker runs lives here, in an importable module; `cube tune` is jobs/tune.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+from ray import tune
+from tqdm import tqdm
+
+from cube.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
+from cube.config import load_config, save_config, to_dict
+from cube.job_config import TrainConfig, TuneConfig
+from cube.metrics import HeldOut, Split
+from cube.rundir import RunDir, write_json
+from cube.search_space import Param, trial_config
+from cube.training import EpochEnd, build_model, fit
+from jobs.common import node_resources, require_resources
+
+log = logging.getLogger("cube.tune")
+METRIC = "val_mrr"
+EXPERIMENT = "sweep"
+
+
+# ---------------------------------------------------------------- trials (run in Ray workers)
+
+
+def cube_trial(params: dict[str, Any], *, base: dict[str, Any], train: Split, val: HeldOut, probe: HeldOut,
+               teacher: dict[str, Any], threads: int) -> None:
+    """One in-process training run: the draws applied to the base config, reported every epoch."""
+    torch.set_num_threads(threads)
+    cfg = trial_config(TrainConfig, base, params)  # an invalid combination fails here, with the rule's message
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg.cube, train.q.mean(0), train.a.mean(0), device, cfg.seed)
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:  # the trial was interrupted (its node died, or the sweep was resumed)
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_checkpoint(d)[0].state_dict())
+            state = load_train_state(d)
+
+    def report(end: EpochEnd) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            save_epoch(d, end, teacher, cfg.data.seed)
+            tune.report(end.metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    fit(model, train, val, cfg.loss, cfg.optim, seed=cfg.seed, probe=probe, on_epoch=report, state=state)
+
+
+def train_driver_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, workers: int) -> None:
+    """A trial that fits its own Ray Train TorchTrainer (DDP over `workers`), reporting to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.trainer import trainer_for
+
+    cfg = trial_config(TrainConfig, {**base, "workers": workers}, params)
+    trial = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
+    trial.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, trial / "config.yaml")
+    for name in ("teacher.json", "split.parquet"):
+        if not (trial / name).exists():
+            (trial / name).symlink_to(Path(sweep_dir, name).resolve())
+    trainer_for(RunDir(trial), cfg, callbacks=[TuneReportCallback()]).fit()
+
+
+# ---------------------------------------------------------------- the Tuner
+
+
+def trainable(sweep: RunDir, settings: TuneConfig):
+    """The trial function with its data bound and its resources declared."""
+    base = to_dict(load_config(TrainConfig, sweep.path / "config.yaml"))
+    if settings.workers_per_trial:
+        fn = tune.with_parameters(train_driver_trial, base=base, sweep_dir=str(sweep.path.resolve()),
+                                  workers=settings.workers_per_trial)
+        return tune.with_resources(fn, {"CPU": 0})  # the driver only waits; its workers hold the resources
+    data = sweep.data()
+    teacher, _ = sweep.teacher()
+    fn = tune.with_parameters(cube_trial, base=base, train=data.split("train"), val=data.held_out("val"),
+                              probe=data.probe(), teacher=teacher.identity(),
+                              threads=max(1, math.floor(settings.cpus_per_trial)))
+    return tune.with_resources(fn, trial_resources(settings))
+
+
+def trial_resources(settings: TuneConfig) -> dict[str, float]:
+    if settings.workers_per_trial:
+        return {"CPU": 1.0, "GPU": settings.gpus_per_trial}  # one Ray Train worker
+    return {"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial}
+
+
+def concurrency(settings: TuneConfig) -> int:
+    """Trials at once: the setting, or as many as the cluster's nodes hold."""
+    if settings.max_concurrent:
+        return settings.max_concurrent
+    per_worker = trial_resources(settings)
+    slots = sum(int(min(node.get(k, 0.0) / v for k, v in per_worker.items() if v)) for node in node_resources())
+    return max(1, min(slots // max(1, settings.workers_per_trial), settings.trials))
+
+
+def max_epochs(base: dict[str, Any], space: list[Param]) -> int:
+    for p in space:
+        if p.key == "optim.epochs":
+            return int(max(p.values) if p.distribution == "choice" else p.high)
+    return int(base["optim"]["epochs"])
+
+
+def build_tuner(sweep: RunDir, settings: TuneConfig, space: list[Param], callbacks: list | None = None):
+    import optuna
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    base = to_dict(load_config(TrainConfig, sweep.path / "config.yaml"))
+    epochs = max_epochs(base, space)
+    if settings.search == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(10, max(3, settings.trials // 4)))
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    searcher = ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrency(settings))
+    if settings.scheduler == "asha":
+        scheduler = AsyncHyperBandScheduler(time_attr="epoch", max_t=epochs, grace_period=min(settings.grace_period, epochs),
+                                            reduction_factor=settings.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable(sweep, settings),
+        param_space={p.key: p.to_tune() for p in space},
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
+                                    num_samples=settings.trials, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=str((sweep.path / "ray").resolve()), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                                    checkpoint_score_order="max"),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def run_sweep(sweep: RunDir, settings: TuneConfig, space: list[Param], resume: bool, callbacks: list | None = None):
+    """Fit the Tuner (or restore it, leaving finished trials alone); returns the ResultGrid."""
+    per_trial = trial_resources(settings)
+    require_resources([per_trial] * max(1, settings.workers_per_trial), "one trial",
+                      load_config(TrainConfig, sweep.path / "config.yaml").wait_for_resources_s)
+    path = str((sweep.path / "ray" / EXPERIMENT).resolve())
+    if resume and tune.Tuner.can_restore(path):
+        log.info("resuming the sweep in %s (finished trials are kept, unfinished ones continue)", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable(sweep, settings), resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False,
+                                   param_space={p.key: p.to_tune() for p in space})
+    else:
+        tuner = build_tuner(sweep, settings, space, callbacks)
+    return tuner.fit()
+
+
+class TrialProgress(tune.Callback):
+    """One progress bar for the sweep (trials done, best validation MRR so far), in place of
+    Tune's status tables."""
+
+    def __init__(self, trials: int) -> None:
+        self.trials, self.best, self.bar = trials, float("-inf"), None
+
+    def setup(self, **info: Any) -> None:
+        self.bar = tqdm(total=self.trials, desc="sweep", unit="trial")
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        if result.get(METRIC, float("-inf")) > self.best:
+            self.best = result[METRIC]
+            self.bar.set_postfix_str(f"best val MRR {self.best:.3f}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.bar.update(1)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.bar.update(1)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.bar.close()
+
+
+# ---------------------------------------------------------------- results
+
+
+def _error_line(error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+def trial_table(results, space: list[Param], max_t: int) -> pd.DataFrame:
+    """One row per trial: its draws, status, epochs run, best epoch and validation metrics."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        config = result.config or {}
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path or "?").name
+        row: dict[str, Any] = {"trial_id": trial_id, **{p.key: config.get(p.key) for p in space}}
+        if len(history) and METRIC in history:
+            best = history.loc[history[METRIC].idxmax()]
+            epochs_run = int(history["epoch"].max())
+            budget = int(config.get("optim.epochs", max_t))
+            row.update({"val_mrr": best[METRIC], "val_recall_at_1": best.get("val_recall_at_1"),
+                        "val_cos": best.get("val_cos"), "best_epoch": int(best["epoch"]), "epochs_run": epochs_run,
+                        "trial_epochs": len(history)})
+            row["status"] = "errored" if result.error else ("finished" if epochs_run >= budget else "stopped early")
+        else:
+            row.update({"epochs_run": 0, "trial_epochs": 0, "status": "errored" if result.error else "not run"})
+        row["error"] = _error_line(result.error)
+        row["_result"] = result
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def best_checkpoint_dir(result) -> Any:
+    """The best-validation checkpoint of a trial (a Tune checkpoint, or its Train run's)."""
+    from ray.train import Checkpoint
+
+    best = result.get_best_checkpoint(METRIC, "max") if result.best_checkpoints else None
+    if best is not None:
+        return best
+    history = result.metrics_dataframe
+    if history is not None and "checkpoint_path" in history:
+        rows = history.dropna(subset=["checkpoint_path"])
+        if len(rows):
+            return Checkpoint(rows.loc[rows[METRIC].idxmax(), "checkpoint_path"])
+    raise RuntimeError(f"trial {result.path} reported no checkpoint")
+
+
+def publish_best(sweep: RunDir, result, params: dict[str, Any]) -> RunDir:
+    """SWEEP_DIR/best: a complete run folder of the winning trial, which `cube serve`, `cube eval`
+    and `cube analyze` take as they are, and best_config.yaml, which `cube train --config` takes."""
+    base = to_dict(load_config(TrainConfig, sweep.path / "config.yaml"))
+    cfg = trial_config(TrainConfig, base, params)
+    save_config(cfg, sweep.path / "best_config.yaml")
+    best = RunDir(sweep.path / "best")
+    best.path.mkdir(exist_ok=True)
+    save_config(cfg, best.path / "config.yaml")
+    for name in ("teacher.json", "split.parquet"):
+        (best.path / name).write_bytes((sweep.path / name).read_bytes())
+    with best_checkpoint_dir(result).as_directory() as d:
+        publish(d, best.model_dir)
+    history = result.metrics_dataframe
+    keep = [c for c in history.columns if c == "epoch" or c.startswith(("loss_", "val_", "train_"))
+            or c in ("grad_norm", "samples_per_s", "lr", "peak_memory_mb")]
+    history[keep].to_csv(best.path / "metrics.csv", index=False)
+    return best
+
+
+def trial_cost(cfg: TrainConfig, embed_dim: int, repeats: int = 20) -> tuple[int, float]:
+    """(parameter count, median ms to answer one question on this process's CPU threads).
+
+    Measured after the sweep, one trial at a time, so trials running side by side do not skew it."""
+    import time
+
+    from cube.model import count_parameters
+    from cube.training import predict
+
+    model = build_model(cfg.cube, torch.zeros(embed_dim), torch.zeros(embed_dim)).eval()
+    q = torch.randn(1, embed_dim)
+    predict(model, q)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predict(model, q)
+        times.append(time.perf_counter() - start)
+    return count_parameters(model), 1000.0 * sorted(times)[len(times) // 2]
+
+
+def write_settings(sweep: RunDir, settings: TuneConfig, space_files: list[Path]) -> None:
+    (sweep.path / "tune.yaml").write_text(yaml.safe_dump({**to_dict(settings), "spaces": [str(p) for p in space_files]},
+                                                         sort_keys=False), encoding="utf-8")
+
+
+def read_settings(sweep: RunDir) -> tuple[TuneConfig, list[Path]]:
+    from cube.config import from_dict
+
+    data = yaml.safe_load((sweep.path / "tune.yaml").read_text(encoding="utf-8"))
+    spaces = [Path(p) for p in data.pop("spaces")]
+    return from_dict(TuneConfig, data), spaces
+
+
+def robustness(sweep: RunDir, cfg: TrainConfig, seeds: int, baselines_fitted, device: str = "cpu") -> dict:
+    """The winner retrained from scratch with `seeds` seeds: test MRR mean ± std beside the
+    baselines fit on the same split (the MLP with the same number of seeds)."""
+    import dataclasses
+
+    import numpy as np
+
+    from cube.baselines import Centering
+    from cube.evaluate import score_baselines
+    from cube.training import score_held_out
+
+    data = sweep.data()
+    train, val, test = data.split("train"), data.held_out("val"), data.held_out("test")
+    mrrs = []
+    for seed in range(seeds):
+        run_cfg = dataclasses.replace(cfg, seed=seed)
+        model = build_model(run_cfg.cube, train.q.mean(0), train.a.mean(0), device, seed)
+        fit(model, train, val, run_cfg.loss, run_cfg.optim, seed=seed)
+        mrrs.append(score_held_out(model, test)["mrr"])
+        log.info("robustness: seed %d test MRR %.3f", seed, mrrs[-1])
+    base = score_baselines(baselines_fitted, Centering.fit(train), test)
+    best = base["best_baseline"]
+    return {"seeds": seeds, "cube_test_mrr": mrrs, "cube_test_mrr_mean": float(np.mean(mrrs)),
+            "cube_test_mrr_std": float(np.std(mrrs)), "baselines_test": base["baselines"], "best_baseline": best,
+            "cube_minus_best": float(np.mean(mrrs)) - base["baselines"][best]["mrr"], "pool_size": len(test.pool)}
+
+
+def write_best_eval(best: RunDir, fitted) -> dict:
+    from cube.evaluate import evaluate_run
+
+    report = evaluate_run(best.path, fitted=fitted)
+    write_json(best.path / "eval.json", report)
+    return report
+
+
+def finish(sweep: RunDir, settings: TuneConfig, space: list[Param], results) -> dict[str, Any]:
+    """Table, costs, report, the winner's run folder, its test evaluation and robustness."""
+    from cube.baselines import Centering, fit_baselines
+    from cube.evaluate import score_baselines
+    from cube.sweep_report import write_report
+
+    base = to_dict(load_config(TrainConfig, sweep.path / "config.yaml"))
+    table = trial_table(results, space, max_epochs(base, space))
+    _, dim = sweep.teacher()
+    costs = {}
+    for i, row in table.iterrows():
+        try:
+            costs[i] = trial_cost(trial_config(TrainConfig, base, {p.key: row[p.key] for p in space}), dim)
+        except ValueError:
+            continue  # an invalid combination: it errored, and has no size
+    table["params"] = pd.Series({i: c[0] for i, c in costs.items()}, dtype=float)
+    table["latency_ms"] = pd.Series({i: c[1] for i, c in costs.items()}, dtype=float)
+    data = sweep.data()
+    train, val = data.split("train"), data.held_out("val")
+    fitted = fit_baselines(train, val, seeds=max(1, settings.robustness_seeds))
+    baselines_val = {k: v["mrr"] for k, v in score_baselines(fitted, Centering.fit(train), val)["baselines"].items()}
+    scored = table.dropna(subset=["val_mrr"])
+    if not len(scored):
+        write_report(sweep.path, table.drop(columns="_result"), space, baselines_val, to_dict(settings))
+        raise RuntimeError(f"no trial of the sweep reported a result; see the errors in {sweep.path / 'results.csv'}")
+    winner = table.loc[scored["val_mrr"].idxmax()]
+    params = {p.key: winner[p.key] for p in space}
+    best = publish_best(sweep, winner["_result"], params)
+    best_eval = write_best_eval(best, fitted)
+    lines = [f"best trial {winner['trial_id']}: val MRR {winner['val_mrr']:.3f} with "
+             + ", ".join(f"{k}={v}" for k, v in params.items()),
+             f"test MRR {best_eval['cube']['mrr']:.3f} (pool {best_eval['pool_size']}) vs best baseline "
+             f"{best_eval['best_baseline']} {best_eval['baselines'][best_eval['best_baseline']]['mrr']:.3f}"]
+    if settings.robustness_seeds:
+        cfg = load_config(TrainConfig, sweep.path / "best_config.yaml")
+        check = robustness(sweep, cfg, settings.robustness_seeds, fitted)
+        write_json(sweep.path / "robustness.json", check)
+        lines.append(f"robustness ({check['seeds']} seeds, retrained from scratch): test MRR "
+                     f"{check['cube_test_mrr_mean']:.3f} ± {check['cube_test_mrr_std']:.3f} vs {check['best_baseline']} "
+                     f"{check['baselines_test'][check['best_baseline']]['mrr']:.3f} ({check['cube_minus_best']:+.3f})")
+    text = "\n".join(lines)
+    report = write_report(sweep.path, table.drop(columns="_result"), space, baselines_val, to_dict(settings),
+                          extra="## The winner\n\n" + text.replace("\n", "\n\n") + "\n\n`cube train --config best_config.yaml` "
+                          "retrains it; `cube serve --run best` serves it.")
+    return {"text": f"{text}\nreport: {report}\nbest config: {sweep.path / 'best_config.yaml'}  run: {best.path}",
+            "best_eval": best_eval}

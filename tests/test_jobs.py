@@ -1,0 +1,140 @@
+"""Every documented job path runs as `ray job submit … -- python -m jobs.<verb>` against the
+shared cluster (token auth on), a failing job is FAILED with one readable line, a job asking for
+resources the cluster lacks fails at once, and `serve deploy serve/config.yaml` serves a run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from conftest import BIN, ROOT, free_port
+from cube import store
+
+pytestmark = pytest.mark.ray
+
+
+def submit(cluster, env_vars: dict[str, str], *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    runtime_env = json.dumps({"env_vars": env_vars})
+    deadline = time.time() + 90
+    while True:
+        proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
+                               "--runtime-env-json", runtime_env, "--", "python", "-m", *entrypoint],
+                              env=cluster.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        # A fresh head answers before its job agent is up; Ray's own message says to try again.
+        if "No available agent to submit job" not in proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
+@pytest.fixture(scope="module")
+def job_env(isolated_cache):
+    return {"CUBE_CACHE": str(isolated_cache)}  # the session's embedding cache: no re-embedding
+
+
+@pytest.fixture(scope="module")
+def job_run(ray_cluster, job_env, tmp_path_factory):
+    """A training run made by a submitted job: `ray job submit … -- python -m jobs.train …`."""
+    run = tmp_path_factory.mktemp("jobs") / "job-run"
+    proc = submit(ray_cluster, job_env, "jobs.train", "--data", "data/qa.jsonl", "--output", str(run),
+                  "--config", "configs/smoke.yaml", "--set", "optim.epochs=2", "--set", "workers=1")
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "succeeded" in proc.stdout + proc.stderr
+    return run
+
+
+def test_train_job_succeeds_and_writes_a_run(job_run):
+    for name in ("model/model.safetensors", "eval.json", "metrics.csv", "curves.png", "split.parquet"):
+        assert (job_run / name).is_file(), name
+
+
+def test_eval_and_analyze_jobs_on_that_run(ray_cluster, job_env, job_run):
+    proc = submit(ray_cluster, job_env, "jobs.eval", "--run", str(job_run), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"pool_size": 76' in proc.stdout
+    proc = submit(ray_cluster, job_env, "jobs.analyze", "--run", str(job_run), "--damage-trials", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (job_run / "analysis" / "report.md").is_file()
+
+
+def test_embed_job(ray_cluster, job_env, tmp_path):
+    out = tmp_path / "store"
+    proc = submit(ray_cluster, job_env, "jobs.embed", "tests/data/tiny.jsonl", "--output", str(out))
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert store.read_all(out).num_rows == 16  # 8 questions + 8 answers
+
+
+def test_tune_job(ray_cluster, job_env, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("cube.hidden: {distribution: choice, values: [8, 16]}\n")
+    out = tmp_path / "sweep"
+    proc = submit(ray_cluster, job_env, "jobs.tune", "--data", "data/qa.jsonl", "--space", str(space), "--output", str(out),
+                  "--trials", "2", "--robustness-seeds", "0", "--config", "configs/smoke.yaml", "--set", "optim.epochs=2")
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    for name in ("results.csv", "best_config.yaml", "best/model/model.safetensors", "pareto.png"):
+        assert (out / name).exists(), name
+
+
+@pytest.mark.parametrize("entrypoint, message", [
+    (["jobs.train", "--data", "no/such/file.jsonl", "--output", "/tmp/cube-never"], "no/such/file.jsonl: no such file"),
+    (["jobs.eval", "--run", "/tmp/cube-not-a-run"], "is not a finished cube run"),
+    (["jobs.train", "--data", "data/qa.jsonl", "--output", "/tmp/cube-never", "--set", "optim.epochs=zero"], "optim.epochs"),
+])
+def test_a_failing_job_is_failed_with_one_readable_line(ray_cluster, job_env, entrypoint, message):
+    start = time.time()
+    proc = submit(ray_cluster, job_env, *entrypoint)
+    assert proc.returncode != 0
+    job_id = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
+    client = JobSubmissionClient(ray_cluster.dashboard)
+    assert client.get_job_info(job_id).status == JobStatus.FAILED
+    logs = client.get_job_logs(job_id)
+    assert message in logs.strip().splitlines()[-1], logs[-3000:]  # the last line says what went wrong
+    assert "Traceback" not in logs, logs[-3000:]
+    assert time.time() - start < 120
+
+
+def test_asking_for_gpus_the_cluster_lacks_fails_at_once(ray_cluster, job_run, tmp_path):
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--data", "data/qa.jsonl", "--output", str(tmp_path / "g"),
+                           "--config", "configs/smoke.yaml", "--set", "use_gpu=true"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "training with 2 workers needs 2 x {'CPU': 1.0, 'GPU': 1.0}" in proc.stderr and "GPU 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.time() - start < 90  # it does not wait for GPUs that cannot come
+
+
+def test_serve_deploy_with_the_shipped_config(ray_cluster, job_run, tmp_path):
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["run_dir"] = str(job_run)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve = [str(BIN / "serve")]
+    proc = subprocess.run(serve + ["deploy", str(path), "--address", ray_cluster.dashboard], env=ray_cluster.env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not up yet, or still loading the model
+                pass
+            assert time.time() < deadline, "the deployed app never became healthy"
+            time.sleep(1)
+        r = requests.post(f"http://127.0.0.1:{port}/v1/answer", json={"question": "Why is the sky blue?"}, timeout=60)
+        assert r.status_code == 200 and r.json()["answer"]
+    finally:
+        subprocess.run(serve + ["shutdown", "-y", "--address", ray_cluster.dashboard], env=ray_cluster.env,
+                       capture_output=True, timeout=120)
