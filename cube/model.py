@@ -33,6 +33,9 @@ class CubeConfig:
     transport_init: bool = True  # untrained rule copies each cell's front neighbour (see README)
     residual: bool = True  # predict question + correction rather than the answer from scratch
     steps_jitter: int = 4  # training runs steps + U{0..jitter} steps, so that T is not a cliff edge
+    adapter: Literal["linear", "mlp"] = "linear"  # question → face: linear, or LayerNorm → linear → GELU
+    normalize_input: bool = False  # L2-normalise the centred question, as the centred baselines do
+    lattice: bool = True  # False: the decoder reads the front face directly (the ablation that shows what the lattice adds)
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "depth", "channels", "hidden", "io_channels", "steps"):
@@ -51,6 +54,8 @@ class CubeConfig:
             raise ValueError(f"fire_rate must be in (0, 1], got {self.fire_rate}")
         if self.perception not in ("learned", "sobel"):
             raise ValueError(f"perception must be 'learned' or 'sobel', got {self.perception!r}")
+        if self.adapter not in ("linear", "mlp"):
+            raise ValueError(f"adapter must be 'linear' or 'mlp', got {self.adapter!r}")
         if self.transport_init and self.perception != "learned":
             raise ValueError("transport_init needs perception='learned' (fixed Sobel filters have no front tap); set transport_init=false")
 
@@ -129,7 +134,10 @@ class CellularCube(nn.Module):
         self.cfg = cfg
         self.embed_dim = embed_dim
         k, face = cfg.io_channels, cfg.face
-        self.encoder = nn.Linear(embed_dim, k * face)
+        if cfg.adapter == "mlp":  # the face starts as an MLP's hidden layer; the lattice works on it
+            self.encoder: nn.Module = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, k * face), nn.GELU())
+        else:
+            self.encoder = nn.Linear(embed_dim, k * face)
         self.decoder = nn.Linear(k * face, embed_dim)
         if cfg.residual:  # start exactly at the identity baseline, then improve on it
             nn.init.zeros_(self.decoder.weight)
@@ -144,10 +152,57 @@ class CellularCube(nn.Module):
         self.q_mean.copy_(q_mean)
         self.a_mean.copy_(a_mean)
 
+    def prepare(self, v: torch.Tensor) -> torch.Tensor:
+        """A centred embedding as the adapters and the residual see it."""
+        return F.normalize(v, dim=-1) if self.cfg.normalize_input else v
+
     def encode_face(self, v: torch.Tensor) -> torch.Tensor:
         """Centred embedding (B, E) → surface values (B, k, H, W)."""
         c = self.cfg
-        return self.encoder(v).view(-1, c.io_channels, c.height, c.width)
+        return self.encoder(self.prepare(v)).view(-1, c.io_channels, c.height, c.width)
+
+    def lattice_inputs(self, front: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Front face (B, k, H, W) → (zero state, injection, keep mask), each (·, C, D, H, W),
+        channels-last: what `step` needs, built once per forward rather than once per step."""
+        c = self.cfg
+        b = front.shape[0]
+        x = front.new_zeros(b, c.channels, c.depth, c.height, c.width).contiguous(memory_format=torch.channels_last_3d)
+        clamp = torch.zeros_like(x[:1])
+        clamp[:, : c.io_channels, 0] = 1.0  # (1, C, D, H, W): where the question is held
+        inject = F.pad(front, (0, 0, 0, 0, 0, c.channels - c.io_channels)).unsqueeze(2)  # (B, C, 1, H, W)
+        inject = F.pad(inject, (0, 0, 0, 0, 0, c.depth - 1))  # (B, C, D, H, W), zero behind the front
+        return x, inject.contiguous(memory_format=torch.channels_last_3d), 1 - clamp
+
+    def fire_mask(self, x: torch.Tensor) -> torch.Tensor | float | None:
+        """This step's multiplier on the update: a random cell mask in training, the mean-field
+        rate in evaluation (deterministic), None when every cell always fires."""
+        c = self.cfg
+        if c.fire_rate >= 1.0:
+            return None
+        if not self.training:
+            return c.fire_rate
+        return torch.rand(x.shape[0], 1, c.depth, c.height, c.width, device=x.device) < c.fire_rate
+
+    def update(
+        self, x: torch.Tensor, inject: torch.Tensor, keep: torch.Tensor, fire: torch.Tensor | float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hold the question on the front face, then the rule's update scaled by `fire`.
+        Returns (clamped state, dx); `step` adds them, `run_lattice` may edit dx first."""
+        x = x * keep + inject  # persistent injection: the front face holds the question
+        dx = self.rule(x)
+        if isinstance(fire, torch.Tensor):
+            dx = dx * fire.to(dx.dtype)
+        elif fire is not None:
+            dx = dx * fire
+        return x, dx
+
+    def step(
+        self, x: torch.Tensor, inject: torch.Tensor, keep: torch.Tensor, fire: torch.Tensor | float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pure lattice step (no host randomness, no analysis hooks): the unit that the
+        GPU fast path (cube.graph_step) captures or compiles. Returns (next state, dx)."""
+        x, dx = self.update(x, inject, keep, fire)
+        return x + dx, dx
 
     def run_lattice(
         self, front: torch.Tensor, steps: int | None = None, layer_mask: torch.Tensor | None = None,
@@ -160,25 +215,14 @@ class CellularCube(nn.Module):
         Returns the final state (B, C, D, H, W) and the last applied update.
         """
         c = self.cfg
-        b = front.shape[0]
-        x = front.new_zeros(b, c.channels, c.depth, c.height, c.width).contiguous(memory_format=torch.channels_last_3d)
-        clamp = torch.zeros_like(x[:1])
-        clamp[:, : c.io_channels, 0] = 1.0  # (1, C, D, H, W): where the question is held
-        inject = F.pad(front, (0, 0, 0, 0, 0, c.channels - c.io_channels)).unsqueeze(2)  # (B, C, 1, H, W)
-        inject = F.pad(inject, (0, 0, 0, 0, 0, c.depth - 1))  # (B, C, D, H, W), zero behind the front
+        x, inject, keep = self.lattice_inputs(front)
         dx = torch.zeros_like(x)
         if steps is None:
             steps = c.steps
             if self.training and c.steps_jitter:
                 steps += int(torch.randint(0, c.steps_jitter + 1, ()))
         for t in range(steps):
-            x = x * (1 - clamp) + inject  # persistent injection: the front face holds the question
-            dx = self.rule(x)
-            if self.training and c.fire_rate < 1.0:
-                fire = (torch.rand(b, 1, c.depth, c.height, c.width, device=x.device) < c.fire_rate)
-                dx = dx * fire.to(dx.dtype)
-            elif c.fire_rate < 1.0:
-                dx = dx * c.fire_rate  # mean-field update: deterministic evaluation
+            x, dx = self.update(x, inject, keep, self.fire_mask(x))
             if layer_mask is not None:
                 dx = dx * layer_mask.view(1, 1, -1, 1, 1)
             x = x + dx
@@ -186,16 +230,23 @@ class CellularCube(nn.Module):
                 x = x * (1 - damage[1].to(x.dtype))
         return x, dx
 
+    def readout(self, q_centred: torch.Tensor, state: torch.Tensor, last_update: torch.Tensor) -> CubeOutput:
+        """Final state → CubeOutput: the back face through the decoder (plus the question if residual)."""
+        return self.decode(q_centred, state[:, : self.cfg.io_channels, -1], last_update)
+
+    def decode(self, q_centred: torch.Tensor, back: torch.Tensor, last_update: torch.Tensor) -> CubeOutput:
+        pred = self.decoder(back.flatten(1))  # back: (B, k, H, W)
+        if self.cfg.residual:
+            pred = pred + self.prepare(q_centred)
+        return CubeOutput(pred, back, last_update)
+
     def forward(self, q_centred: torch.Tensor, **lattice_kwargs) -> CubeOutput:
         """(B, E) centred question → CubeOutput with the centred answer prediction."""
-        c = self.cfg
         front = self.encode_face(q_centred)
+        if not self.cfg.lattice:  # ablation: the same adapters with nothing in between
+            return self.decode(q_centred, front, front.new_zeros(()))
         state, dx = self.run_lattice(front, **lattice_kwargs)
-        back = state[:, : c.io_channels, -1]  # (B, k, H, W)
-        pred = self.decoder(back.flatten(1))
-        if c.residual:
-            pred = pred + q_centred
-        return CubeOutput(pred, back, dx)
+        return self.readout(q_centred, state, dx)
 
     def predict(self, q: torch.Tensor, **lattice_kwargs) -> torch.Tensor:
         """Raw question embeddings (B, E) → centred answer predictions (B, E)."""

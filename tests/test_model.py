@@ -1,5 +1,6 @@
 """The cube itself: shapes, locality, transport, and validation of its config (no Ray)."""
 
+import dataclasses
 import pytest
 import torch
 
@@ -113,3 +114,29 @@ def test_steps_jitter_varies_training_steps_only():
     assert seen == {3, 4, 5}
     model.eval()
     assert {steps_taken() for _ in range(5)} == {3}
+
+
+def test_mlp_adapter_with_the_lattice_off_is_a_residual_mlp_of_the_face_width():
+    """The ablation that says what the lattice adds: same adapters, nothing in between."""
+    torch.manual_seed(0)
+    cfg = CubeConfig(width=4, height=3, depth=4, channels=4, hidden=8, io_channels=2, steps=4, adapter="mlp",
+                     normalize_input=True, lattice=False)
+    model = CellularCube(cfg, 16).eval()
+    with torch.no_grad():
+        model.decoder.weight.normal_(0, 0.1)
+    q = torch.randn(5, 16)
+    qn = torch.nn.functional.normalize(q, dim=-1)
+    hidden = torch.nn.functional.gelu(model.encoder[1](torch.nn.functional.layer_norm(qn, (16,), model.encoder[0].weight,
+                                                                                   model.encoder[0].bias)))
+    torch.testing.assert_close(model(q).pred, qn + model.decoder(hidden))
+    with_lattice = CellularCube(dataclasses.replace(cfg, lattice=True), 16).eval()
+    with_lattice.load_state_dict(model.state_dict())
+    assert not torch.allclose(with_lattice(q).pred, model(q).pred)  # the lattice sits between them
+
+
+def test_normalize_input_makes_the_prediction_scale_free():
+    torch.manual_seed(0)
+    model = CellularCube(CubeConfig(width=4, height=4, depth=3, channels=4, hidden=8, io_channels=2, steps=3,
+                                    normalize_input=True), 12).eval()
+    q = torch.randn(3, 12)
+    torch.testing.assert_close(model(q).pred, model(7.0 * q).pred)
