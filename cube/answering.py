@@ -25,7 +25,8 @@ class AnswerBank:
         if len(texts) != len(vectors) or not texts:
             raise ValueError(f"answer bank needs one vector per text and at least one text, got {len(texts)} / {len(vectors)}")
         self.texts = texts
-        self.keys = F.normalize(torch.as_tensor(vectors, dtype=torch.float32) - a_mean.cpu(), dim=-1)  # (P, E)
+        # np.array copies: vectors read from Parquet are read-only, and torch warns on sharing them
+        self.keys = F.normalize(torch.from_numpy(np.array(vectors, dtype=np.float32)) - a_mean.cpu(), dim=-1)  # (P, E)
 
     def nearest(self, pred: torch.Tensor) -> list[Answer]:
         scores = F.normalize(pred.float(), dim=-1) @ self.keys.T  # (B, P)
@@ -34,4 +35,4 @@ class AnswerBank:
 
 
 def answer_questions(model: CellularCube, bank: AnswerBank, question_vectors: np.ndarray) -> list[Answer]:
-    return bank.nearest(predict(model, torch.as_tensor(question_vectors)))
+    return bank.nearest(predict(model, torch.from_numpy(np.array(question_vectors, dtype=np.float32))))

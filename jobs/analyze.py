@@ -19,7 +19,7 @@ import numpy as np
 from cube.analysis import analyse, write_report
 from cube.checkpoint import load_checkpoint
 from cube.rundir import RunDir, write_json
-from jobs.common import run_main, setup_logging
+from jobs.common import add_verbose_flag, run_main, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,12 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="run folder written by `cube train`")
     p.add_argument("--output", type=Path, help="report folder (default: RUN/analysis)")
     p.add_argument("--damage-trials", type=int, default=20, help="random damaged blocks to average over (default 20)")
+    add_verbose_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     run = RunDir(args.run)
     run.require("model", "split.parquet", "teacher.json")
     teacher, _ = run.teacher()

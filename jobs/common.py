@@ -43,11 +43,60 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         return 1
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock"):
+OURS = ("cube", "jobs")  # our loggers: the console shows these
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+_verbose = False
+
+
+def setup_logging(verbose: bool = False, log_file: Path | None = None) -> None:
+    """Our own progress on the console; Ray's logs in `log_file` (a run folder's ray.log), and
+    on the console as well only with `verbose`.
+
+    Ray's libraries print from their own handlers; `route_ray_logs` (called again once Ray is
+    up, since Ray configures its loggers on import and on init) sends them here instead."""
+    global _verbose
+    _verbose = verbose
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    if not verbose:
+        console.addFilter(lambda r: r.name.split(".")[0] in OURS or r.levelno >= logging.ERROR and r.name.split(".")[0] != "ray")
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(log_file, encoding="utf-8")
+        file.setFormatter(fmt)
+        handlers.append(file)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if "ray" in sys.modules:
+        route_ray_logs()
+
+
+def route_ray_logs() -> None:
+    """Send Ray's driver-side loggers through ours (to the log file; to the console if verbose)."""
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.stdout):
+                logger.removeHandler(h)
+        logger.propagate = True
+        logger.setLevel(logging.INFO)
+
+
+def quiet_ray_data() -> None:
+    """One Ray Data progress bar per pipeline (not one per operator), and no plan printout."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_operator_progress_bars = _verbose
+    ctx.print_on_execution_start = _verbose
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
@@ -55,23 +104,26 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     Returns True when the cluster is embedded (nothing can ever join it).
 
     An embedded cluster keeps the dashboard on: Tune needs it to free the placement groups of
-    Train trials that it stops early (without it the next trial waits forever).
+    Train trials that it stops early (without it the next trial waits forever). Workers' output
+    stays in Ray's session logs unless logging is verbose.
     """
     import ray
 
     global _embedded
     if ray.is_initialized():
         return _embedded
+    quiet = {"log_to_driver": _verbose, "logging_level": logging.INFO if _verbose else logging.WARNING}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address)
-        return False
-    log.info("starting an embedded local Ray cluster (set RAY_ADDRESS to use an existing one)")
-    # address="local": always a fresh cluster, never a stale one left in /tmp/ray by a crash.
-    ray.init(address="local", num_cpus=num_cpus)
-    _embedded = True
-    return True
+        ray.init(address=address, **quiet)
+    else:
+        log.info("starting an embedded local Ray cluster (set RAY_ADDRESS to use an existing one)")
+        # address="local": always a fresh cluster, never a stale one left in /tmp/ray by a crash.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **quiet)
+        _embedded = True
+    route_ray_logs()
+    return _embedded
 
 
 def node_resources() -> list[dict[str, float]]:
@@ -126,10 +178,16 @@ def require_resources(bundles: list[dict[str, float]], what: str, wait_s: float 
                         f"GPUs, or add nodes{hint}")
 
 
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's own logs and workers' output on the console (they go to RUN/ray.log otherwise)")
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file with config values (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set optim.epochs=5 --set teacher=smollm2 (repeatable)")
+    add_verbose_flag(parser)
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -56,7 +56,7 @@ def config_from_cli(args: argparse.Namespace) -> EmbedConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose, args.output / "ray.log")
     summary = embed_file(args.input, args.output, config_from_cli(args))
     print(f"{summary['store']}: {summary['rows']} rows, {summary['texts_in_store']} texts in the store "
           f"({summary['embedded_now']} embedded now), {summary['truncated']} truncated at "

@@ -34,7 +34,7 @@ from cube.data import DataConfig, iter_pairs, text_id
 from cube.generate import AnswerWriter, GeneratorConfig
 from cube.job_config import EmbedConfig, PipelineOptions
 from cube.teacher import TeacherConfig, load_teacher
-from jobs.common import ensure_ray
+from jobs.common import ensure_ray, quiet_ray_data
 
 log = logging.getLogger("cube.embed")
 # The light stages (read, id, skip, write) take a sliver of a CPU each: with Ray's default of one
@@ -173,6 +173,8 @@ def read_file(path: Path, columns: list[str], opts: PipelineOptions):
 
 def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder: Path) -> None:
     import ray.data
+
+    quiet_ray_data()
 
     device = "cuda" if opts.num_gpus > 0 else "cpu"
     texts = texts.map_batches(SkipDone, fn_constructor_kwargs={"folder": str(folder)}, batch_format="pandas",

@@ -23,7 +23,7 @@ from cube.evaluate import evaluate_run, format_report
 from cube.job_config import PipelineOptions
 from cube.metrics import HeldOut
 from cube.rundir import RunDir
-from jobs.common import run_main, setup_logging
+from jobs.common import add_verbose_flag, run_main, setup_logging
 
 
 def held_out_file(run: RunDir, data: Path) -> HeldOut:
@@ -43,12 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="run folder written by `cube train`")
     p.add_argument("--data", type=Path, help="evaluate on every row of this Q&A file instead of the run's test split")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_verbose_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     if args.data is None:
         report = evaluate_run(args.run)
     else:

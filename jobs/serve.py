@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from jobs.common import ensure_ray, run_main, setup_logging
+from jobs.common import add_verbose_flag, ensure_ray, run_main, setup_logging
 
 log = logging.getLogger("cube.serve")
 
@@ -42,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="run folder written by `cube train`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to accept remote clients)")
     p.add_argument("--port", type=int, default=8000)
+    add_verbose_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     start(args.run, args.host, args.port)
     try:
         while True:

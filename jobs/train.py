@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose, (args.resume or args.output or Path(".")) / "ray.log")
     if args.resume:
         if args.data or args.output or args.config or args.overrides:
             parser.error("--resume takes only the run folder: its config and data are already in it")

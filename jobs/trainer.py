@@ -1,7 +1,8 @@
 """Ray Train around the cube's one training loop: a run folder in, a trained run folder out.
 
     prepare_run: validate + split + embed (cached) the data, write the run folder's inputs
-    fit_run:     a TorchTrainer (DDP: gloo on CPU, NCCL on GPU) whose workers call cube.training.fit
+    fit_run:     a TorchTrainer (DDP: gloo on CPU, NCCL on GPU) whose workers each train on a
+                 shard of the split with cube.training.fit
     train:       both, then the held-out comparison (eval.json) and the curves
 
 Everything a Ray worker runs lives in this importable module, never in an entrypoint that may
@@ -10,12 +11,15 @@ be `__main__` (Ray would pickle it by value). `cube train` (jobs/train.py) is th
 
 from __future__ import annotations
 
+import csv
 import logging
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from cube.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.config import from_dict, load_config, save_config, to_dict
@@ -23,7 +27,7 @@ from cube.data import DataError, load_qa, split_pairs
 from cube.evaluate import evaluate_run
 from cube.job_config import TrainConfig
 from cube.metrics import Split
-from cube.rundir import RunDir, vectors_to_arrow, write_json, write_split
+from cube.rundir import RunDir, write_json, write_split
 from cube.training import EpochEnd, build_model, fit, peak_lr
 from jobs.common import ensure_ray, require_resources, setup_logging
 from jobs.embedding import embed_pairs
@@ -34,26 +38,22 @@ log = logging.getLogger("cube.train")
 # ---------------------------------------------------------------- per-worker loop (runs in Ray)
 
 
-def _whole_shard(shard) -> Split:
-    """This worker's shard of the training split, read once: a few thousand rows at most, so
-    re-running a Ray Data pipeline every epoch would cost more than it streams."""
-    qs, as_ = [], []
-    for batch in shard.iter_torch_batches(batch_size=4096):
-        qs.append(batch["q"])
-        as_.append(batch["a"])
-    return Split(torch.cat(qs), torch.cat(as_))
+def shard(train: Split, rank: int, world: int) -> Split:
+    """This rank's share of the training split: every world-th pair, so shards differ by at most one.
+
+    The split travels whole in the trainer's config (a few thousand rows, tens of MB at most)
+    and is sharded here: simpler and faster than a Ray Data pipeline for data this size, and
+    it keeps Ray Data's per-execution output out of training."""
+    return Split(train.q[rank::world], train.a[rank::world])
 
 
 def _quiet_worker() -> None:
-    import ray.data
-
     setup_logging()
     # Ray Train logs every report's full metrics dict from every rank at INFO on a logger named
     # after its file path; keep the workers to our own one line per epoch.
     logging.getLogger().setLevel(logging.WARNING)
     for ours in ("jobs", "cube"):
         logging.getLogger(ours).setLevel(logging.INFO)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -88,7 +88,7 @@ def train_worker(config: dict[str, Any]) -> None:
             save_epoch(d, end, config["teacher"], cfg.data.seed)
             ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    fit(model, _whole_shard(ray.train.get_dataset_shard("train")), config["val"], cfg.loss, cfg.optim,
+    fit(model, shard(config["train"], rank, world), config["val"], cfg.loss, cfg.optim,
         seed=cfg.seed, probe=config["probe"], on_epoch=report, state=state, world_size=world,
         wrap=ray.train.torch.prepare_model, steps_per_epoch=config["steps_per_epoch"])
 
@@ -117,8 +117,6 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
 
 def trainer_for(run: RunDir, cfg: TrainConfig, callbacks: list | None = None):
     """The TorchTrainer for a prepared run folder; its Train storage is RUN_DIR/ray."""
-    import pyarrow as pa
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -130,16 +128,12 @@ def trainer_for(run: RunDir, cfg: TrainConfig, callbacks: list | None = None):
                         f"optim.batch_size ({cfg.optim.batch_size}); lower one of them")
     teacher, dim = run.teacher()
     config = {
-        "cfg": to_dict(cfg), "teacher": teacher.identity(), "val": data.held_out("val"), "probe": data.probe(),
-        "q_mean": train.q.mean(0).tolist(), "a_mean": train.a.mean(0).tolist(),
+        "cfg": to_dict(cfg), "teacher": teacher.identity(), "train": train, "val": data.held_out("val"),
+        "probe": data.probe(), "q_mean": train.q.mean(0).tolist(), "a_mean": train.a.mean(0).tolist(),
         "steps_per_epoch": per_worker // cfg.optim.batch_size,
     }
-    # No random_shuffle: its tasks would need CPUs that the training workers hold (deadlock on
-    # a small machine). Each worker reads its shard once and shuffles it per epoch with a seed.
-    table = pa.table({"q": vectors_to_arrow(train.q.numpy()), "a": vectors_to_arrow(train.a.numpy())})
     return TorchTrainer(
-        train_worker, train_loop_config=config, datasets={"train": ray.data.from_arrow(table)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        train_worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
@@ -152,13 +146,52 @@ def trainer_for(run: RunDir, cfg: TrainConfig, callbacks: list | None = None):
     )
 
 
+class EpochBar:
+    """An epoch progress bar with the running validation MRR, fed by the metrics.csv that the
+    Train controller writes (the driver itself only waits in `trainer.fit()`)."""
+
+    def __init__(self, metrics_csv: Path, epochs: int) -> None:
+        self.path, self.epochs = metrics_csv, epochs
+        self.stop = threading.Event()
+
+    def __enter__(self) -> "EpochBar":
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _read(self) -> list[dict[str, str]]:
+        try:
+            with self.path.open(newline="") as f:
+                return list(csv.DictReader(f))
+        except (FileNotFoundError, csv.Error):
+            return []
+
+    def _follow(self) -> None:
+        rows = self._read()
+        bar = tqdm(total=self.epochs, initial=len(rows), desc="train", unit="epoch")
+        while True:
+            stopping = self.stop.wait(0.5)
+            rows = self._read()
+            if rows:
+                bar.n = len(rows)
+                bar.set_postfix_str(f"val MRR {float(rows[-1]['val_mrr']):.3f}", refresh=True)
+            if stopping:
+                break
+        bar.close()
+
+
 def fit_run(run: RunDir, cfg: TrainConfig) -> None:
     """Run (or resume) training, then publish the best and last checkpoints into the run folder."""
     from jobs.metrics_log import MetricsLog
 
     require_resources([worker_resources(cfg)] * cfg.workers, f"training with {cfg.workers} workers",
                       cfg.wait_for_resources_s)
-    result = trainer_for(run, cfg, callbacks=[MetricsLog(str(run.path))]).fit()
+    with EpochBar(run.path / "metrics.csv", cfg.optim.epochs):
+        result = trainer_for(run, cfg, callbacks=[MetricsLog(str(run.path))]).fit()
     best = result.get_best_checkpoint(metric="val_mrr", mode="max")
     for src, dst in ((best, "model"), (result.checkpoint, "last")):
         with src.as_directory() as d:

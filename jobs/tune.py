@@ -84,7 +84,7 @@ def start(args: argparse.Namespace) -> tuple[RunDir, TuneConfig, list[Path]]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose, (args.resume or args.output or Path(".")) / "ray.log")
     # Every epoch checkpoints, so that a killed driver loses at most one epoch per trial; Tune
     # then warns on each snapshot that snapshots are frequent. That is the intent: silence it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
