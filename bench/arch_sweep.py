@@ -34,6 +34,13 @@ from cube.training import build_model, fit, score_held_out
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    "norm": {"cube.normalize_input": True},
+    "norm_ep24": {"cube.normalize_input": True, "optim.epochs": 24},
+    "mlp": {"cube.adapter": "mlp", "cube.normalize_input": True},
+    "mlp_ep24": {"cube.adapter": "mlp", "cube.normalize_input": True, "optim.epochs": 24},
+    "mlp_ep24_t05": {"cube.adapter": "mlp", "cube.normalize_input": True, "optim.epochs": 24, "loss.temperature": 0.05},
+    # the ablation: the same adapters with the lattice switched off
+    "mlp_ep24_off": {"cube.adapter": "mlp", "cube.normalize_input": True, "optim.epochs": 24, "cube.lattice": False},
     "ep24": {"optim.epochs": 24},
     "temp0.05": {"loss.temperature": 0.05},
     "fire1.0": {"cube.fire_rate": 1.0},
