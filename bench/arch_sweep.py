@@ -120,12 +120,14 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(path, name, ov, seed, args.device, threads) for path in args.split for name, ov in variants.items()
             for seed in range(args.seeds)]
+    rows: list[dict] = []
     with mp.get_context("spawn").Pool(args.jobs) as pool:
-        pending = pool.map_async(run_one, jobs)
+        pending = pool.imap_unordered(run_one, jobs)
         base = {path: baselines(path, args.seeds) for path in args.split}
-        rows = pending.get()
-    for r in rows:
-        print(json.dumps(r), flush=True)
+        print("baselines:", json.dumps(base), flush=True)
+        for r in pending:  # as each run ends, so a run cut short by a time limit keeps what finished
+            rows.append(r)
+            print(json.dumps(r), flush=True)
     print(summarise(rows, base))
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": rows, "baselines": base}, indent=1))
