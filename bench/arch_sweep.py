@@ -118,8 +118,9 @@ def main() -> None:
 
         variants[name] = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in pairs.split(","))}
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [(path, name, ov, seed, args.device, threads) for path in args.split for name, ov in variants.items()
-            for seed in range(args.seeds)]
+    # seed-major: a run cut short by a time limit still has whole seeds of every variant
+    jobs = [(path, name, ov, seed, args.device, threads) for seed in range(args.seeds) for path in args.split
+            for name, ov in variants.items()]
     rows: list[dict] = []
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         pending = pool.imap_unordered(run_one, jobs)
