@@ -110,6 +110,8 @@ def main() -> None:
                    help="an ad-hoc variant, e.g. --set 'lr3e-3:optim.lr=0.003'")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (processes sharing the device)")
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--no-baselines", action="store_true", help="only the cube runs (fit the baselines later, elsewhere)")
+    p.add_argument("--from-json", nargs="+", help="summarise runs saved with --json (their splits must be here)")
     args = p.parse_args()
     variants = {v: VARIANTS[v] for v in args.variants.split(",") if v}
     for spec in args.extra:
@@ -122,15 +124,21 @@ def main() -> None:
     jobs = [(path, name, ov, seed, args.device, threads) for seed in range(args.seeds) for path in args.split
             for name, ov in variants.items()]
     rows: list[dict] = []
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        pending = pool.imap_unordered(run_one, jobs)
-        base = {path: baselines(path, args.seeds) for path in args.split}
-        print("baselines:", json.dumps(base), flush=True)
-        for r in pending:  # as each run ends, so a run cut short by a time limit keeps what finished
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+    if args.from_json:  # runs made elsewhere (a GPU box); the baselines are fit here
+        rows = [r for f in args.from_json for r in json.loads(Path(f).read_text())["runs"]]
+        args.split = list(dict.fromkeys(r["split"] for r in rows))
+    else:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.imap_unordered(run_one, jobs):  # as each ends: a run cut short keeps what finished
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"runs": rows}, indent=1))
+    if args.no_baselines:
+        return
+    base = {path: baselines(path, args.seeds) for path in args.split}
     print(summarise(rows, base))
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps({"runs": rows, "baselines": base}, indent=1))
 
 
