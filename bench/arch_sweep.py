@@ -102,7 +102,7 @@ def summarise(rows: list[dict], base: dict[str, dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", action="append", required=True, help="split.parquet of a `cube train` run (repeatable)")
+    p.add_argument("--split", action="append", default=[], help="split.parquet of a `cube train` run (repeatable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--variants", default="default", help=f"comma-separated, from {list(VARIANTS)}")
