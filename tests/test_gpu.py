@@ -96,9 +96,11 @@ def test_graphed_step_matches_eager_fp32(strict_fp32, compile_step):
     tol = {"rtol": 1e-3, "atol": 1e-5} if compile_step else {"rtol": 1e-4, "atol": 1e-6}
     torch.testing.assert_close(torch.stack([g[0] for g in got]).cpu(), torch.tensor([w["loss/total"] for w in want]), **tol)
     torch.testing.assert_close(torch.stack([g[1] for g in got]).cpu(), torch.tensor([w["grad_norm"] for w in want]), **tol)
-    # Fused kernels round differently; Adam's first steps move a weight by ~lr whatever the size of
-    # its gradient, so a near-zero gradient may flip: the compiled weights get a loose bound.
-    atol = 5e-3 if compile_step else 1e-5
+    # Losses and gradient norms match tightly. Weights get a looser bound: Adam's first steps move a
+    # weight by ~lr whatever the size of its gradient, so a near-zero gradient that rounds to the
+    # other sign flips it. Measured on an H100 (torch 2.11): graphed, uncompiled, 65 of 8,640
+    # lattice weights differed by up to 1.4e-4 after 6 steps; fused compiled kernels round more.
+    atol = 5e-3 if compile_step else 1e-3
     for p, q in zip(fast_model.parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=atol)
 
