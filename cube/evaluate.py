@@ -83,7 +83,7 @@ def evaluate_run(run_path: str | Path, test: HeldOut | None = None, source: str 
     return report
 
 
-def format_report(report: dict) -> str:
+def format_report(report: dict, n_examples: int = 5) -> str:
     """The comparison as a plain-text table, best baseline marked, examples below."""
     header = f"{'method':<18} {'space':<8} " + " ".join(f"{m:>9}" for m in METRICS)
     lines = [f"held-out questions: {report['n_questions']}, candidate pool: {report['pool_size']} distinct answers", header,
@@ -102,7 +102,12 @@ def format_report(report: dict) -> str:
     lines.append(f"cube MRR {verdict} the best baseline ({report['best_baseline']}) by {report['cube_minus_best_mrr']:+.3f}")
     lines.append("")
     lines.append("examples (cube's answer = nearest of the pool's answers to its prediction):")
-    for ex in report["examples"]:
-        lines += [f"  Q: {ex['question']}", f"  cube: {ex['cube_answer']}" + ("  [correct]" if ex["correct"] else ""),
-                  f"  true: {ex['true_answer']}", ""]
+    for ex in report["examples"][:n_examples]:
+        lines += [f"  Q: {ex['question']}", f"  cube: {_short(ex['cube_answer'])}" + ("  [right]" if ex["correct"] else "  [wrong]")]
+        if not ex["correct"]:
+            lines.append(f"  true: {_short(ex['true_answer'])}")
     return "\n".join(lines)
+
+
+def _short(text: str, width: int = 110) -> str:
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"

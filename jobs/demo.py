@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from cube.data import SHIPPED_DATASET
+from cube.data import SHIPPED_DATASET, load_qa
 from cube.evaluate import format_report
 from cube.rundir import RunDir
 from jobs.common import add_config_flags, config_from_args, ensure_ray, run_main, setup_logging
@@ -47,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def shorten(text: str, width: int = 110) -> str:
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
     cfg = config_from_args(TrainConfig, args)
     out: Path = args.output
     if out.exists():
@@ -59,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     start_time = time.perf_counter()
     out.mkdir(parents=True)
     (out / MARKER).touch()
+    setup_logging(args.verbose, out / "ray.log")
+    pairs = load_qa(SHIPPED_DATASET, cfg.data)
+    print(f"cube demo: {len(pairs)} question-answer pairs over {pairs['topic'].nunique()} topics ({SHIPPED_DATASET.name}), "
+          f"teacher {cfg.teacher.name}, run folder {out}", flush=True)
     ensure_ray()
     report = train(SHIPPED_DATASET, out, cfg)
-    print(format_report(report))
+    print("\n" + format_report(report, n_examples=3))
     test, _, _ = RunDir(out).data().part("test")
     picks = test.iloc[[0, len(test) // 2, len(test) - 1]]
     url = start(out, port=args.port)
@@ -69,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         replies = ask(url, picks["question"].tolist())
     finally:
         stop()
-    print("\nThree held-out questions over HTTP (POST /v1/answer; answers come from the training answers):")
+    print(f"Three held-out questions over HTTP ({url}/v1/answer; the bank holds every answer of the corpus):")
     for (_, row), reply in zip(picks.iterrows(), replies):
-        print(f"  Q: {row['question']}\n  A: {reply['answer']}  (score {reply['score']:.3f})\n  true: {row['answer']}\n")
-    print(f"demo finished in {time.perf_counter() - start_time:.0f} s; run folder: {out}")
+        verdict = "right" if reply["answer"] == row["answer"] else "wrong; true: " + shorten(row["answer"], 80)
+        print(f"  Q: {row['question']}\n  A: {shorten(reply['answer'])}  ({verdict}, score {reply['score']:.2f})")
+    print(f"\nPictures: {out / 'curves.png'} (training curves); `cube analyze --run {out}` draws what forms inside the cube.")
+    print(f"Ray's own logs: {out / 'ray.log'}. Demo finished in {time.perf_counter() - start_time:.0f} s.")
     return 0
 
 

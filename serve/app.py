@@ -1,4 +1,4 @@
-"""Ray Serve app: HTTP question → teacher embedding → cube → nearest answer in the run's bank.
+"""Ray Serve app: HTTP question → teacher embedding → cube → nearest answer in the run's corpus.
 
     POST /v1/answer  {"question": "..."}  →  {"answer": "...", "score": 0.83}
     GET  /healthz                          →  200 once the model is loaded
@@ -64,9 +64,9 @@ class AnswerAPI:
         run = RunDir(run_dir)
         teacher, _ = run.teacher()
         self.model, self.checkpoint = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
-        df, _, answers = run.data().part("train")
-        first = ~df["answer"].duplicated().to_numpy()
-        self.bank = AnswerBank(df["answer"][first].tolist(), answers[first], self.model.a_mean)
+        data = run.data()  # every distinct answer of the run's corpus (all splits): any known answer is findable
+        first = ~data.frame["answer"].duplicated().to_numpy()
+        self.bank = AnswerBank(data.frame["answer"][first].tolist(), data.a[first], self.model.a_mean)
         self.encoder = encoder
         self.run_dir = run_dir
 
