@@ -2,16 +2,9 @@
 
     read file ─▶ texts + ids ─▶ SkipDone ─▶ TeacherActor (actor pool) ─▶ PartSink (atomic parts)
 
-The file is streamed, never held in memory; the teacher loads once per actor; every block
-becomes its own Parquet part, written under a temporary name and renamed into place. Kill a
-run halfway and rerun it: finished parts stay, and only texts no part holds are embedded.
-
-With --generate-answers the file needs only questions: an instruct teacher writes an answer
-for each (greedy, bounded length), stored in OUTPUT/generated/ with the generator's name, and
-collected into OUTPUT/qa.parquet, which `cube train --data` accepts.
-
-`cube embed` (jobs/embed.py) is its command line; `cube train` and `cube tune` call
-`embed_pairs`. Everything a Ray worker runs lives here, in an importable module.
+`cube embed` (jobs/embed.py, whose --help tells the user what it does) is its command line;
+`cube train` and `cube tune` call `embed_pairs`. Everything a Ray worker runs lives here, in an
+importable module: an entrypoint run as `__main__` would be pickled by value.
 """
 
 from __future__ import annotations
