@@ -14,6 +14,7 @@ COMMANDS = {
     "eval": "compare a trained run with the baselines on held-out pairs",
     "serve": "answer questions over HTTP with Ray Serve",
     "analyze": "emergent-pattern report of a trained run (activity, structure, ablations, damage)",
+    "cluster": "start/stop a multi-node Ray cluster on this machine (loopback), for trying multi-node jobs",
 }
 
 

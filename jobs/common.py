@@ -164,6 +164,10 @@ def require_resources(bundles: list[dict[str, float]], what: str, wait_s: float 
     """
     bundles = [{k: v for k, v in b.items() if v} for b in bundles]
     deadline = time.monotonic() + (0.0 if _embedded else wait_s)
+    if not fits(bundles, node_resources()) and not _embedded and wait_s > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)  # an autoscaler (ray up, KubeRay) starts nodes for them now
     while True:
         nodes = node_resources()
         if fits(bundles, nodes):

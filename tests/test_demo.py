@@ -1,0 +1,30 @@
+"""The first ten minutes: `cube demo` prints a short, readable report and nothing of Ray's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.ray
+
+
+def test_demo_console_is_short_and_free_of_warnings(ray_cluster, tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "jobs.demo", "--output", str(out), "--port", str(free_port()),
+                           "--config", "configs/smoke.yaml", "--set", "optim.epochs=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert len(console) <= 60, "\n".join(console)
+    noise = [line for line in console if "Warning" in line or "WARNING" in line or "Traceback" in line
+             or "(pid=" in line or "core_worker" in line or "INFO worker.py" in line]
+    assert not noise, "\n".join(noise)
+    text = proc.stdout
+    assert "cube demo:" in text and "candidate pool" in text and "<- best baseline" in text
+    assert text.count("  Q: ") >= 6  # three held-out examples and three questions over HTTP
+    assert "Three held-out questions over HTTP" in text and "ray.log" in text
+    assert (out / "curves.png").is_file() and (out / "ray.log").stat().st_size > 0
