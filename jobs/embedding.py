@@ -35,7 +35,9 @@ log = logging.getLogger("cube.embed")
 # is an actor that idles between batches, so it reserves none. Ray Data's Parquet file listing
 # still asks for a whole CPU and takes no options: see check_room_for_listing.
 LIGHT = {"num_cpus": 0.1}
-IDLE_ACTOR = {"num_cpus": 0}
+# max_restarts=0: the filter holds nothing worth restarting for (a rerun resumes from the parts),
+# and with restarts on, Ray's core worker prints an error line about its constructor arguments.
+IDLE_ACTOR = {"num_cpus": 0, "max_restarts": 0}
 
 
 # ---------------------------------------------------------------- Ray Data stages
