@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup browser run test bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,13 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(BIN)/cube demo
 
-test: setup
+# The Serve page is tested in Debian's headless Chromium; installed here when we may (root + apt).
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	  || echo "note: /usr/bin/chromium is missing and could not be installed; the browser test will be skipped (apt-get install chromium)"
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -1,7 +1,12 @@
 """Serve a trained run over HTTP with Ray Serve until interrupted.
 
-    python -m jobs.serve --run runs/demo --port 8000
-    curl -s localhost:8000/v1/answer -d '{"question": "Why is the sky blue?"}'
+    cube serve --run runs/demo --port 8000 [--answers more.jsonl] [--config serve.yaml] [--set limits.max_top_k=50]
+    curl -s localhost:8000/v1/answer -H 'content-type: application/json' -d '{"question": "Why is the sky blue?"}'
+    open http://127.0.0.1:8000/  (a page that asks, compares and shows the cube's layers)
+
+The bank holds every distinct answer of the run (all splits) plus those of --answers. Serve
+settings (replicas, CPUs/GPUs, batching, queue limits, request limits) are in serve/settings.py;
+docs/serving.md lists the API. Binds 127.0.0.1 unless --host says otherwise.
 """
 
 from __future__ import annotations
@@ -10,24 +15,66 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
-from jobs.common import add_verbose_flag, ensure_ray, run_main, setup_logging
+import requests
+
+from jobs.common import add_verbose_flag, ensure_ray, route_ray_logs, run_main, setup_logging
 
 log = logging.getLogger("cube.serve")
+APP_NAME = "cube"
 
 
-def start(run_dir: Path, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Deploy the app for `run_dir`; returns its base URL once every replica is up."""
+def wait_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """GET /healthz until it answers 200; returns its body.
+
+    Raises:
+        TimeoutError: not healthy within `timeout_s`, with the last answer.
+    """
+    deadline, last = time.time() + timeout_s, "no answer"
+    while time.time() < deadline:
+        try:
+            r = requests.get(f"{url}/healthz", timeout=10)
+            if r.status_code == 200:
+                return r.json()
+            last = f"{r.status_code} {r.text[:200]}"
+        except requests.RequestException as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:g} s (last: {last})")
+
+
+def start(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, answers: Path | None = None,
+          config: Path | None = None, settings: dict[str, Any] | None = None, overrides: list[str] | None = None) -> str:
+    """Deploy the app for `run_dir`; returns its base URL once /healthz answers 200.
+
+    `settings` is a nested mapping of serve settings and `overrides` are `key=value` strings,
+    both on top of `config` (serve/settings.py). Serve's HTTP options (host, port, proxy
+    timeout) apply when this starts Serve; a Serve already running keeps its own.
+    """
     from ray import serve
 
+    from cube.config import to_dict
+    from cube.rundir import RunDir
     from serve.app import build_app
+    from serve.settings import load_settings
 
-    app = build_app({"run_dir": str(run_dir)})  # validates the run before Ray is touched
+    # Checked before Ray is touched: the run folder and the settings.
+    RunDir(run_dir).require("model", "split.parquet", "teacher.json")
+    cfg = load_settings(config, settings, overrides)
+    args: dict[str, Any] = {"run_dir": str(run_dir), "settings": to_dict(cfg)}
+    if answers is not None:
+        args["answers"] = str(answers)
     ensure_ray()
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="cube", route_prefix="/")
+    app = build_app(args)
+    # The proxy's own timeout backs up the API's (limits.request_timeout_s, answered with 504).
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.limits.request_timeout_s + 5})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    route_ray_logs()  # Serve gives its driver-side logger a console handler when it starts
     url = f"http://{host}:{port}"
-    log.info("serving %s at %s (POST /v1/answer, GET /healthz)", run_dir, url)
+    health = wait_healthy(url)
+    log.info("serving %s (%s, %d answers) at %s: open it in a browser, or POST /v1/answer",
+             run_dir, health["model_version"], health["bank_size"], url)
     return url
 
 
@@ -40,6 +87,10 @@ def stop() -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cube serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="run folder written by `cube train`")
+    p.add_argument("--answers", type=Path, help="JSONL/CSV/Parquet file whose `answer` column joins the bank")
+    p.add_argument("--config", type=Path, help="YAML file of serve settings (see serve/settings.py)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one serve setting, e.g. embedder.num_replicas=2 (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to accept remote clients)")
     p.add_argument("--port", type=int, default=8000)
     add_verbose_flag(p)
@@ -49,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    start(args.run, args.host, args.port)
+    start(args.run, args.host, args.port, answers=args.answers, config=args.config, overrides=args.overrides)
     try:
         while True:
             time.sleep(3600)

@@ -1,92 +1,83 @@
-"""Ray Serve app: HTTP question → teacher embedding → cube → nearest answer in the run's corpus.
+"""The Ray Serve app: HTTP question → teacher embedding → cube → best answers of the run's corpus.
 
-    POST /v1/answer  {"question": "..."}  →  {"answer": "...", "score": 0.83}
-    GET  /healthz                          →  200 once the model is loaded
+    AnswerAPI (serve/ingress.py)        HTTP: validation, composition, timeouts, GET / page
+      ├─ TeacherEmbedder (embedder.py)  the run's teacher, @serve.batch
+      ├─ CubePredictor (predictor.py)   the cube + answer bank, @serve.batch; identity baseline; trace
+      └─ Generator (generator.py)       the teacher's own answer for /v1/compare (causal LMs only)
 
-Two deployments, so the teacher (the heavy part) scales apart from the API:
-`Encoder` batches questions through the teacher; `AnswerAPI` validates requests and runs the
-cube. Start it with `cube serve --run RUN_DIR`, or `serve run serve.app:build_app run_dir=RUN_DIR`.
-
-No `from __future__ import annotations` here: FastAPI must see the real request model types.
+Each is its own deployment, so each scales apart (serve/settings.py: replicas, CPUs/GPUs,
+batching, queue limits). Start it with `cube serve --run RUN_DIR`, `serve run serve/config.yaml`,
+or `serve run serve.app:build_app run_dir=RUN_DIR`. docs/serving.md has the API.
 """
 
+from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-from fastapi import FastAPI
-from pydantic import BaseModel, StrictStr, field_validator
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
-from cube.answering import AnswerBank, answer_questions
-from cube.checkpoint import load_checkpoint
-from cube.config import from_dict, to_dict
+from cube.config import to_dict
 from cube.rundir import RunDir
-from cube.teacher import Teacher, TeacherConfig
+from serve.bank import prepare_extra_answers
+from serve.embedder import TeacherEmbedder
+from serve.generator import Generator
+from serve.ingress import AnswerAPI
+from serve.predictor import CubePredictor
+from serve.settings import DeploymentSettings, ServeConfig, load_settings
 
-api = FastAPI(title="cellular cube", description="Answers questions with a trained cube run.")
-
-# Fractional CPUs: a replica takes 1 CPU by default, and two of them would fill a 2-core laptop.
-REPLICA_CPUS = 0.25
-
-
-class AnswerRequest(BaseModel):
-    question: StrictStr
-
-    @field_validator("question")
-    @classmethod
-    def not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("question must not be empty")
-        return v
+log = logging.getLogger("cube.serve")
+ARGS = {
+    "run_dir": "the run to serve: a folder written by `cube train` (or a sweep's best/)",
+    "answers": "optional JSONL/CSV/Parquet file whose `answer` column joins the bank",
+    "config": "optional YAML file of serve settings (serve/settings.py)",
+    "settings": "optional inline serve settings, as in that file (a mapping of sections)",
+}
 
 
-class AnswerResponse(BaseModel):
-    answer: str
-    score: float
+def _live(s: DeploymentSettings) -> dict[str, Any]:
+    """The user_config of a batched deployment: what `reconfigure` may change in place."""
+    return {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=32, max_queued_requests=256)
-class Encoder:
-    def __init__(self, teacher: dict[str, Any]) -> None:
-        self.teacher = Teacher(from_dict(TeacherConfig, teacher))
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def __call__(self, questions: list[str]) -> list[np.ndarray]:
-        return list(self.teacher.embed(questions).vectors)
-
-
-@serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=32, max_queued_requests=256)
-@serve.ingress(api)
-class AnswerAPI:
-    def __init__(self, encoder: DeploymentHandle, run_dir: str) -> None:
-        run = RunDir(run_dir)
-        teacher, _ = run.teacher()
-        self.model, self.checkpoint = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
-        data = run.data()  # every distinct answer of the run's corpus (all splits): any known answer is findable
-        first = ~data.frame["answer"].duplicated().to_numpy()
-        self.bank = AnswerBank(data.frame["answer"][first].tolist(), data.a[first], self.model.a_mean)
-        self.encoder = encoder
-        self.run_dir = run_dir
-
-    @api.get("/healthz")
-    def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "run": self.run_dir, "bank_size": len(self.bank.texts),
-                "teacher": self.checkpoint["teacher"]["name"]}
-
-    @api.post("/v1/answer", response_model=AnswerResponse)
-    async def answer(self, request: AnswerRequest) -> AnswerResponse:
-        vector = await self.encoder.remote(request.question)
-        best = answer_questions(self.model, self.bank, vector[None])[0]
-        return AnswerResponse(answer=best.answer, score=best.score)
-
-
-def build_app(args: dict[str, str]) -> serve.Application:
-    """App builder for `serve run serve.app:build_app run_dir=RUN_DIR` and `serve build`."""
-    if "run_dir" not in args:
-        raise ValueError("pass run_dir=RUN_DIR (a folder written by `cube train`)")
-    run = RunDir(args["run_dir"])
-    run.require("model", "split.parquet", "teacher.json")
+def compose(run_dir: Path, cfg: ServeConfig, answers: str | None = None, store_folder: str | None = None) -> serve.Application:
+    """Bind the four deployments for a checked run with settings `cfg`."""
+    run = RunDir(run_dir)
     teacher, _ = run.teacher()
-    return AnswerAPI.bind(Encoder.bind(to_dict(teacher)), str(run.path.resolve()))
+    # Old replicas finish their requests during a redeploy (a swap to another run) before they go.
+    drain = {"graceful_shutdown_timeout_s": cfg.limits.request_timeout_s + 5}
+    embedder = TeacherEmbedder.options(**cfg.embedder.options(), **drain, user_config=_live(cfg.embedder)).bind(
+        to_dict(teacher), to_dict(cfg.embedder))
+    predictor = CubePredictor.options(**cfg.predictor.options(), **drain, user_config=_live(cfg.predictor)).bind(
+        str(run.path), answers, store_folder, to_dict(cfg.predictor))
+    generator = Generator.options(**cfg.generator.options(), **drain, user_config=_live(cfg.generator)).bind(
+        to_dict(teacher), cfg.limits.generation_max_new_tokens, to_dict(cfg.generator))
+    return AnswerAPI.options(**cfg.api.options(), **drain).bind(embedder, predictor, generator, to_dict(cfg.limits))
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """App builder for `serve run serve.app:build_app run_dir=RUN_DIR`, serve/config.yaml and
+    `cube serve`. Checks the run and the settings before any replica starts, and embeds the
+    extra answers (if any) that the store does not hold yet.
+
+    Raises:
+        ValueError: an unknown or missing argument, or bad settings (naming the key).
+        RunError: run_dir is not a finished run.
+        DataError: the answers file is unreadable or has no `answer` column.
+    """
+    unknown = sorted(set(args) - set(ARGS))
+    if unknown:
+        raise ValueError(f"unknown app argument(s) {unknown}; valid: {ARGS}")
+    if not args.get("run_dir"):
+        raise ValueError("pass run_dir=RUN_DIR (a folder written by `cube train`)")
+    run = RunDir(Path(args["run_dir"]).expanduser().resolve())
+    run.require("model", "split.parquet", "teacher.json")
+    settings = args.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"settings must be a mapping of sections, got {settings!r}")
+    cfg = load_settings(args.get("config"), settings)
+    answers = str(Path(args["answers"]).expanduser().resolve()) if args.get("answers") else None
+    store_folder = prepare_extra_answers(answers, run.teacher()[0]) if answers else None
+    log.info("serving %s (teacher %s)%s", run.path, run.teacher()[0].name, f" with extra answers {answers}" if answers else "")
+    return compose(run.path, cfg, answers, store_folder)

@@ -214,19 +214,22 @@ def test_rayjob_gpu_requests_fit_the_gpu_group(name):
 
 
 def serve_deployments() -> dict[str, float]:
-    """The @serve.deployment classes of serve/app.py and their num_cpus, read without importing it."""
-    tree = ast.parse((ROOT / "serve" / "app.py").read_text(encoding="utf-8"))
-    consts = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+    """The @serve.deployment classes of the serve/ package (one module each) and their num_cpus,
+    read without importing them; REPLICA_CPUS is the constant of serve/settings.py."""
+    settings = ast.parse((ROOT / "serve" / "settings.py").read_text(encoding="utf-8"))
+    consts = {t.id: n.value.value for n in settings.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
               for t in n.targets if isinstance(t, ast.Name)}
     found = {}
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        for dec in node.decorator_list:
-            if isinstance(dec, ast.Call) and ast.unparse(dec.func) == "serve.deployment":
-                options = {k.arg: k.value for k in dec.keywords}
-                cpus = ast.literal_eval(ast.unparse(options["ray_actor_options"]).replace("REPLICA_CPUS", repr(consts["REPLICA_CPUS"])))
-                found[node.name] = cpus["num_cpus"]
+    for module in sorted((ROOT / "serve").glob("*.py")):
+        for node in ast.parse(module.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for dec in node.decorator_list:
+                if isinstance(dec, ast.Call) and ast.unparse(dec.func) == "serve.deployment":
+                    options = {k.arg: k.value for k in dec.keywords}
+                    name = ast.literal_eval(options["name"]) if "name" in options else node.name
+                    cpus = ast.literal_eval(ast.unparse(options["ray_actor_options"]).replace("REPLICA_CPUS", repr(consts["REPLICA_CPUS"])))
+                    found[name] = cpus["num_cpus"]
     return found
 
 
@@ -241,8 +244,9 @@ def test_rayservice_serves_the_app_of_serve_config():
         assert set(app["args"]) == set(ref["args"])
         assert app["args"]["run_dir"].startswith(SHARED + "/")
         code = serve_deployments()
+        assert {dep["name"] for dep in app.get("deployments", [])} == set(code), "list every deployment of serve/"
         for dep in app.get("deployments", []):
-            assert dep["name"] in code, f"serve/app.py has no deployment {dep['name']}"
+            assert dep["name"] in code, f"the serve package has no deployment {dep['name']}"
             cpus = dep["ray_actor_options"]["num_cpus"]
             assert 0 < cpus < 1 and cpus == code[dep["name"]], dep
     assert service["http_options"]["host"] == "0.0.0.0"
