@@ -83,8 +83,8 @@ def route_ray_logs() -> None:
     """Send Ray's driver-side loggers through ours (to the log file; to the console if verbose)."""
     for name in RAY_LOGGERS:
         logger = logging.getLogger(name)
-        for h in list(logger.handlers):
-            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.stdout):
+        for h in list(logger.handlers):  # console handlers (Ray's PlainRayHandler among them), not files
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 logger.removeHandler(h)
         logger.propagate = True
         logger.setLevel(logging.INFO)
@@ -112,6 +112,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     global _embedded
     if ray.is_initialized():
         return _embedded
+    route_ray_logs()  # before init too: init itself logs (the token-auth notice)
     quiet = {"log_to_driver": _verbose, "logging_level": logging.INFO if _verbose else logging.WARNING}
     address = os.environ.get("RAY_ADDRESS")
     if address:

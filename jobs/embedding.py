@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -35,9 +36,14 @@ log = logging.getLogger("cube.embed")
 # is an actor that idles between batches, so it reserves none. Ray Data's Parquet file listing
 # still asks for a whole CPU and takes no options: see check_room_for_listing.
 LIGHT = {"num_cpus": 0.1}
-# max_restarts=0: the filter holds nothing worth restarting for (a rerun resumes from the parts),
-# and with restarts on, Ray's core worker prints an error line about its constructor arguments.
-IDLE_ACTOR = {"num_cpus": 0, "max_restarts": 0}
+# max_restarts=0 on our actors: with restarts on, Ray's core worker prints an error line about
+# constructor arguments in the object store on every run. Nothing is lost without them: a dead
+# actor fails the job loudly, and the rerun embeds only what no finished part holds.
+NO_RESTART = {"max_restarts": 0}
+# Ray 2.60 has no named parameter for it yet, and warns that the catch-all kwargs it goes through
+# are deprecated (its own operator reads max_restarts from them, actor_pool_map_operator.py).
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module=__name__)
+IDLE_ACTOR = {"num_cpus": 0, **NO_RESTART}
 
 
 # ---------------------------------------------------------------- Ray Data stages
@@ -176,7 +182,7 @@ def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder:
                               compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
     vectors = texts.map_batches(TeacherActor, fn_constructor_kwargs={"teacher": to_dict(teacher), "device": device, "pipeline": to_dict(opts)},
                                 batch_size=opts.batch_size, compute=ray.data.ActorPoolStrategy(size=opts.concurrency),
-                                num_gpus=opts.num_gpus or None, num_cpus=opts.cpus_per_actor)
+                                num_gpus=opts.num_gpus or None, num_cpus=opts.cpus_per_actor, **NO_RESTART)
     vectors.write_datasink(PartSink(folder, store_table(teacher.identity())), ray_remote_args=LIGHT)
 
 
@@ -234,7 +240,7 @@ def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
                                                        "pipeline": to_dict(cfg.pipeline)},
                                 batch_size=8, batch_format="pandas", num_gpus=cfg.pipeline.num_gpus or None,
                                 num_cpus=cfg.pipeline.cpus_per_actor,
-                                compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.concurrency))
+                                compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.concurrency), **NO_RESTART)
     answered.write_datasink(PartSink(parts, generated_table), ray_remote_args=LIGHT)
     table = pa.concat_tables([pq.read_table(p) for p in store.parts(parts)])
     qa = table.drop_columns(["id"])

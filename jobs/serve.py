@@ -66,11 +66,11 @@ def start(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, answers: Pat
     if answers is not None:
         args["answers"] = str(answers)
     ensure_ray()
+    route_ray_logs()  # importing Serve gave its driver-side logger a console handler of its own
     app = build_app(args)
     # The proxy's own timeout backs up the API's (limits.request_timeout_s, answered with 504).
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.limits.request_timeout_s + 5})
     serve.run(app, name=APP_NAME, route_prefix="/")
-    route_ray_logs()  # Serve gives its driver-side logger a console handler when it starts
     url = f"http://{host}:{port}"
     health = wait_healthy(url)
     log.info("serving %s (%s, %d answers) at %s: open it in a browser, or POST /v1/answer",

@@ -27,7 +27,7 @@ def cube_cmd(*args: str) -> list[str]:
 
 
 def test_kill_mid_run_then_resume_embeds_only_the_rest(ray_cluster, tmp_path):
-    df = load_qa(SHIPPED_DATASET)
+    df = load_qa(SHIPPED_DATASET).iloc[:400]  # 800 texts: enough to interrupt at batch 16, quick to finish
     rows = [{"question": f"{q} (v)", "answer": f"{a} (v)"} for q, a in zip(df["question"], df["answer"])]
     data = tmp_path / "big.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -91,7 +91,7 @@ def test_train_end_to_end_with_smollm2(ray_cluster, tmp_path):
     from jobs.trainer import train
 
     small = tmp_path / "small.jsonl"
-    load_qa(SHIPPED_DATASET).iloc[::10][["question", "answer", "topic"]].to_json(small, orient="records", lines=True)
+    load_qa(SHIPPED_DATASET).iloc[::16][["question", "answer", "topic"]].to_json(small, orient="records", lines=True)
     cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", ["teacher=smollm2", "optim.batch_size=16"])
     report = train(small, tmp_path / "run", cfg)
     assert report["teacher"]["name"] == "smollm2"

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import requests
 import yaml
@@ -59,7 +60,9 @@ def test_train_job_succeeds_and_writes_a_run(job_run):
 def test_eval_and_analyze_jobs_on_that_run(ray_cluster, job_env, job_run):
     proc = submit(ray_cluster, job_env, "jobs.eval", "--run", str(job_run), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert '"pool_size": 76' in proc.stdout
+    split = pd.read_parquet(job_run / "split.parquet")
+    pool = split.loc[split["split"] == "test", "answer"].nunique()
+    assert f'"pool_size": {pool}' in proc.stdout
     proc = submit(ray_cluster, job_env, "jobs.analyze", "--run", str(job_run), "--damage-trials", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (job_run / "analysis" / "report.md").is_file()
