@@ -97,6 +97,7 @@ def quiet_ray_data() -> None:
     ctx = DataContext.get_current()
     ctx.enable_operator_progress_bars = _verbose
     ctx.print_on_execution_start = _verbose
+    route_ray_logs()  # importing ray.data gave its logger a console handler of its own
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:

@@ -40,10 +40,18 @@ LIGHT = {"num_cpus": 0.1}
 # constructor arguments in the object store on every run. Nothing is lost without them: a dead
 # actor fails the job loudly, and the rerun embeds only what no finished part holds.
 NO_RESTART = {"max_restarts": 0}
-# Ray 2.60 has no named parameter for it yet, and warns that the catch-all kwargs it goes through
-# are deprecated (its own operator reads max_restarts from them, actor_pool_map_operator.py).
-warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module=__name__)
-IDLE_ACTOR = {"num_cpus": 0, **NO_RESTART}
+
+
+def without_restarts(map_batches: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`map_batches(..., max_restarts=0)`. Ray 2.60 has no named parameter for it and warns that
+    the catch-all kwargs it goes through are deprecated, though its own actor pool reads it from
+    there (actor_pool_map_operator.py): that one warning is silenced, by its exact message."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return map_batches(*args, **kwargs, **NO_RESTART)
+
+
+IDLE_ACTOR = {"num_cpus": 0}
 
 
 # ---------------------------------------------------------------- Ray Data stages
@@ -178,11 +186,13 @@ def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder:
     quiet_ray_data()
 
     device = "cuda" if opts.num_gpus > 0 else "cpu"
-    texts = texts.map_batches(SkipDone, fn_constructor_kwargs={"folder": str(folder)}, batch_format="pandas",
-                              compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
-    vectors = texts.map_batches(TeacherActor, fn_constructor_kwargs={"teacher": to_dict(teacher), "device": device, "pipeline": to_dict(opts)},
-                                batch_size=opts.batch_size, compute=ray.data.ActorPoolStrategy(size=opts.concurrency),
-                                num_gpus=opts.num_gpus or None, num_cpus=opts.cpus_per_actor, **NO_RESTART)
+    texts = without_restarts(texts.map_batches, SkipDone, fn_constructor_kwargs={"folder": str(folder)},
+                             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
+    vectors = without_restarts(
+        texts.map_batches, TeacherActor,
+        fn_constructor_kwargs={"teacher": to_dict(teacher), "device": device, "pipeline": to_dict(opts)},
+        batch_size=opts.batch_size, compute=ray.data.ActorPoolStrategy(size=opts.concurrency),
+        num_gpus=opts.num_gpus or None, num_cpus=opts.cpus_per_actor)
     vectors.write_datasink(PartSink(folder, store_table(teacher.identity())), ray_remote_args=LIGHT)
 
 
@@ -234,13 +244,13 @@ def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
     device = "cuda" if cfg.pipeline.num_gpus > 0 else "cpu"
     questions = read_file(path, [cfg.data.question_col], cfg.pipeline).map_batches(
         with_question_ids(cfg.data.question_col), batch_format="pandas", **LIGHT)
-    todo = questions.map_batches(SkipDone, fn_constructor_kwargs={"folder": str(parts)}, batch_format="pandas",
-                                 compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
-    answered = todo.map_batches(WriterActor, fn_constructor_kwargs={"generator": to_dict(cfg.generator), "device": device,
-                                                       "pipeline": to_dict(cfg.pipeline)},
-                                batch_size=8, batch_format="pandas", num_gpus=cfg.pipeline.num_gpus or None,
-                                num_cpus=cfg.pipeline.cpus_per_actor,
-                                compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.concurrency), **NO_RESTART)
+    todo = without_restarts(questions.map_batches, SkipDone, fn_constructor_kwargs={"folder": str(parts)},
+                            batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
+    answered = without_restarts(
+        todo.map_batches, WriterActor,
+        fn_constructor_kwargs={"generator": to_dict(cfg.generator), "device": device, "pipeline": to_dict(cfg.pipeline)},
+        batch_size=8, batch_format="pandas", num_gpus=cfg.pipeline.num_gpus or None,
+        num_cpus=cfg.pipeline.cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.concurrency))
     answered.write_datasink(PartSink(parts, generated_table), ray_remote_args=LIGHT)
     table = pa.concat_tables([pq.read_table(p) for p in store.parts(parts)])
     qa = table.drop_columns(["id"])

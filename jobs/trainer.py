@@ -171,13 +171,13 @@ class EpochBar:
             return []
 
     def _follow(self) -> None:
-        rows = self._read()
-        bar = tqdm(total=self.epochs, initial=len(rows), desc="train", unit="epoch")
+        seen = len(self._read())
+        bar = tqdm(total=self.epochs, initial=seen, desc="train", unit="epoch")
         while True:
             stopping = self.stop.wait(0.5)
             rows = self._read()
-            if rows:
-                bar.n = len(rows)
+            if len(rows) != seen:  # redraw once per epoch: a log file gets one update per epoch
+                seen = bar.n = len(rows)
                 bar.set_postfix_str(f"val MRR {float(rows[-1]['val_mrr']):.3f}", refresh=True)
             if stopping:
                 break

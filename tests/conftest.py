@@ -95,13 +95,24 @@ SMOKE_OVERRIDES = ["optim.epochs=4"]  # configs/smoke.yaml plus these: the suite
 
 
 @pytest.fixture(scope="session")
-def smoke_run(ray_cluster, tmp_path_factory):
-    """One undisturbed 2-worker training run on the shipped data, shared by the integration tests."""
+def qa_sample(tmp_path_factory) -> Path:
+    """Every third pair of the shipped data (479 pairs, all 24 topics, "Why is the sky blue?"
+    among them): the integration tier's data. A third of the whole file's cost in embedding,
+    training and fitting the baselines; `cube demo` and tests/test_data.py use the whole file."""
+    from cube.data import SHIPPED_DATASET, load_qa
+
+    path = tmp_path_factory.mktemp("data") / "qa_sample.jsonl"
+    load_qa(SHIPPED_DATASET).iloc[2::3][["question", "answer", "topic"]].to_json(path, orient="records", lines=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ray_cluster, qa_sample, tmp_path_factory):
+    """One undisturbed 2-worker training run on the sample, shared by the integration tests."""
     from cube.config import load_config
-    from cube.data import SHIPPED_DATASET
     from cube.job_config import TrainConfig
     from jobs.trainer import train
 
     run = tmp_path_factory.mktemp("runs") / "smoke"
-    report = train(SHIPPED_DATASET, run, load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", SMOKE_OVERRIDES))
+    report = train(qa_sample, run, load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", SMOKE_OVERRIDES))
     return run, report

@@ -42,10 +42,10 @@ def job_env(isolated_cache):
 
 
 @pytest.fixture(scope="module")
-def job_run(ray_cluster, job_env, tmp_path_factory):
+def job_run(ray_cluster, job_env, qa_sample, tmp_path_factory):
     """A training run made by a submitted job: `ray job submit … -- python -m jobs.train …`."""
     run = tmp_path_factory.mktemp("jobs") / "job-run"
-    proc = submit(ray_cluster, job_env, "jobs.train", "--data", "data/qa.jsonl", "--output", str(run),
+    proc = submit(ray_cluster, job_env, "jobs.train", "--data", str(qa_sample), "--output", str(run),
                   "--config", "configs/smoke.yaml", "--set", "optim.epochs=2", "--set", "workers=1")
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "succeeded" in proc.stdout + proc.stderr
@@ -75,11 +75,11 @@ def test_embed_job(ray_cluster, job_env, tmp_path):
     assert store.read_all(out).num_rows == 16  # 8 questions + 8 answers
 
 
-def test_tune_job(ray_cluster, job_env, tmp_path):
+def test_tune_job(ray_cluster, job_env, qa_sample, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("cube.hidden: {distribution: choice, values: [8, 16]}\n")
     out = tmp_path / "sweep"
-    proc = submit(ray_cluster, job_env, "jobs.tune", "--data", "data/qa.jsonl", "--space", str(space), "--output", str(out),
+    proc = submit(ray_cluster, job_env, "jobs.tune", "--data", str(qa_sample), "--space", str(space), "--output", str(out),
                   "--trials", "2", "--robustness-seeds", "0", "--config", "configs/smoke.yaml", "--set", "optim.epochs=2")
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     for name in ("results.csv", "best_config.yaml", "best/model/model.safetensors", "pareto.png"):

@@ -18,7 +18,7 @@ import requests
 
 from conftest import ROOT, free_port
 from cube import store
-from cube.data import SHIPPED_DATASET, text_id
+from cube.data import text_id
 from cube.teacher import Teacher, TeacherConfig
 
 pytestmark = pytest.mark.ray

@@ -17,7 +17,6 @@ import pytest
 
 from conftest import ROOT, SMOKE_OVERRIDES
 from cube.config import load_config
-from cube.data import SHIPPED_DATASET
 
 pytestmark = pytest.mark.ray
 OVERRIDES = SMOKE_OVERRIDES  # the same run as the shared undisturbed `smoke_run`
@@ -53,9 +52,9 @@ def check_complete(run: Path, interrupted_after: int, undisturbed: dict) -> None
     assert abs(report["cube"]["mrr"] - undisturbed["cube"]["mrr"]) < 0.05
 
 
-def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, undisturbed):
+def test_resume_after_the_driver_is_killed(ray_cluster, qa_sample, tmp_path, undisturbed):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "jobs.cli", "train", "--data", str(SHIPPED_DATASET), "--output", str(run),
+    cmd = [sys.executable, "-m", "jobs.cli", "train", "--data", str(qa_sample), "--output", str(run),
            "--config", "configs/smoke.yaml", *[a for o in OVERRIDES for a in ("--set", o)]]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     done = wait_for_epoch(run, 2, alive=lambda: proc.poll() is None)
@@ -74,7 +73,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, undisturbed):
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2, 3, 4]
 
 
-def test_killed_worker_is_replaced_and_the_run_completes(ray_cluster, tmp_path, undisturbed):
+def test_killed_worker_is_replaced_and_the_run_completes(ray_cluster, qa_sample, tmp_path, undisturbed):
     from ray.util.state import list_actors
 
     from cube.job_config import TrainConfig
@@ -83,7 +82,7 @@ def test_killed_worker_is_replaced_and_the_run_completes(ray_cluster, tmp_path, 
     run = tmp_path / "run"
     cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", [*OVERRIDES, "max_failures=1"])
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(report=train(SHIPPED_DATASET, run, cfg)), daemon=True)
+    thread = threading.Thread(target=lambda: result.update(report=train(qa_sample, run, cfg)), daemon=True)
     thread.start()
     done = wait_for_epoch(run, 2, alive=thread.is_alive)
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])

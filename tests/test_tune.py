@@ -17,7 +17,6 @@ import pytest
 
 from conftest import ROOT
 from cube.config import load_config
-from cube.data import SHIPPED_DATASET
 from cube.job_config import TrainConfig
 
 pytestmark = pytest.mark.ray
@@ -30,18 +29,18 @@ optim.lr:    {distribution: loguniform, low: 1.0e-3, high: 1.0e-2}
 """
 
 
-def tune_cmd(out: Path, space: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.tune", "--data", str(SHIPPED_DATASET), "--space", str(space), "--output", str(out),
+def tune_cmd(data: Path, out: Path, space: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.tune", "--data", str(data), "--space", str(space), "--output", str(out),
             "--config", "configs/smoke.yaml", *extra]
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_cluster, tmp_path_factory):
+def sweep(ray_cluster, qa_sample, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     space = tmp / "space.yaml"
     space.write_text(SPACE)
     out = tmp / "sweep"
-    proc = subprocess.run(tune_cmd(out, space, "--trials", "4", "--search", "random", "--seed", "1",
+    proc = subprocess.run(tune_cmd(qa_sample, out, space, "--trials", "4", "--search", "random", "--seed", "1",
                                    "--robustness-seeds", "2", "--set", "optim.epochs=3"),
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -65,14 +64,14 @@ def test_sweep_records_every_trial_with_its_status_and_writes_the_report(sweep):
     assert "best trial" in proc.stdout and "robustness (2 seeds" in proc.stdout
 
 
-def test_best_config_is_what_the_best_trial_trained_and_cube_train_takes_it(sweep, tmp_path):
+def test_best_config_is_what_the_best_trial_trained_and_cube_train_takes_it(sweep, qa_sample, tmp_path):
     out, _ = sweep
     table = pd.read_csv(out / "results.csv")
     best = load_config(TrainConfig, out / "best_config.yaml")
     assert best.cube.hidden == table.loc[0, "cube.hidden"] and best.cube.depth == 4
     assert abs(best.optim.lr - table.loc[0, "optim.lr"]) < 1e-12
     run = tmp_path / "retrained"
-    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(SHIPPED_DATASET), "--output", str(run),
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(qa_sample), "--output", str(run),
                            "--config", str(out / "best_config.yaml"), "--set", "optim.epochs=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,11 +101,11 @@ def finished_trials(out: Path, epochs: int = 3) -> dict[str, str]:
     return found
 
 
-def test_resume_after_the_sweep_driver_is_killed(ray_cluster, tmp_path):
+def test_resume_after_the_sweep_driver_is_killed(ray_cluster, qa_sample, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("cube.hidden: {distribution: choice, values: [8, 16]}\n")
     out = tmp_path / "sweep"
-    cmd = tune_cmd(out, space, "--trials", "3", "--max-concurrent", "1", "--robustness-seeds", "0", "--scheduler", "fifo",
+    cmd = tune_cmd(qa_sample, out, space, "--trials", "3", "--max-concurrent", "1", "--robustness-seeds", "0", "--scheduler", "fifo",
                    "--set", "optim.epochs=3")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
