@@ -13,6 +13,8 @@ import torch
 from cube.baselines import Centering, Predictor, fit_baselines
 from cube.metrics import METRICS, HeldOut, Split, chance_metrics, retrieval_metrics
 from cube.checkpoint import load_checkpoint
+from cube.config import load_config
+from cube.job_config import TrainConfig
 from cube.model import CellularCube, count_parameters
 from cube.rundir import RunDir
 from cube.training import predict
@@ -74,10 +76,11 @@ def evaluate_run(run_path: str | Path, test: HeldOut | None = None, source: str 
     run.require("model", "split.parquet", "teacher.json", "config.yaml")
     teacher, _ = run.teacher()
     model, _ = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
+    seeds = load_config(TrainConfig, run.path / "config.yaml").baseline_seeds
     pairs = run.data()
     train, test = pairs.split("train"), test or pairs.held_out("test")
     baselines = score_baselines(fitted, Centering.fit(train), test) if fitted else None
-    report = compare(model, train, pairs.held_out("val"), test, baselines=baselines)
+    report = compare(model, train, pairs.held_out("val"), test, seeds=seeds, baselines=baselines)
     report["evaluated_on"] = source or f"{run.path}/split.parquet (test split)"
     report["teacher"] = teacher.identity()
     return report

@@ -76,8 +76,11 @@ class TrainConfig:
     # on an autoscaling cluster (`ray up`, KubeRay), where nodes join on demand.
     wait_for_resources_s: float = 0.0
     seed: int = 0  # model init and shuffling (the split has its own seed: data.seed)
+    baseline_seeds: int = 3  # the stochastic baselines (the MLPs) are the mean of this many fits
 
     def __post_init__(self) -> None:
+        if self.baseline_seeds < 1:
+            raise ValueError(f"baseline_seeds must be >= 1, got {self.baseline_seeds}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.wait_for_resources_s < 0:
