@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cube.analysis import final_state
 from cube.model import CellularCube
 from cube.training import predict
 
@@ -31,8 +32,7 @@ class AnswerBank:
         if len(texts) != len(vectors) or not texts:
             raise ValueError(f"answer bank needs one vector per text and at least one text, got {len(texts)} / {len(vectors)}")
         self.texts = texts
-        # np.array copies: vectors read from Parquet are read-only, and torch warns on sharing them
-        raw = torch.from_numpy(np.array(vectors, dtype=np.float32))  # (P, E)
+        raw = as_tensor(vectors)  # (P, E)
         self.keys = F.normalize(raw - a_mean.cpu(), dim=-1)  # (P, E) centred, for cube predictions
         self.raw_keys = F.normalize(raw, dim=-1)  # (P, E) raw, for the identity baseline
 
@@ -52,6 +52,7 @@ class AnswerBank:
 
 
 def as_tensor(vectors: np.ndarray) -> torch.Tensor:
+    # np.array copies: vectors read from Parquet are read-only, and torch warns on sharing them
     return torch.from_numpy(np.array(vectors, dtype=np.float32))
 
 
@@ -72,9 +73,9 @@ def lattice_activity(model: CellularCube, question_vector: np.ndarray, steps: in
     between its faces; it returns the front face alone, as (1, H, W).
     """
     model.eval()
-    q = as_tensor(question_vector).reshape(1, -1).to(model.q_mean.device) - model.q_mean  # (1, E) centred
-    front = model.encode_face(q)  # (1, k, H, W)
+    q = as_tensor(question_vector).reshape(1, -1).to(model.q_mean.device)  # (1, E) raw
     if not model.cfg.lattice:
+        front = model.encode_face(q - model.q_mean)  # (1, k, H, W)
         return front.abs().mean(1).float().cpu().numpy()  # (1, H, W)
-    state, _ = model.run_lattice(front, steps=steps)  # (1, C, D, H, W)
+    state = final_state(model, q, steps=steps)  # (1, C, D, H, W), as `cube analyze` runs it
     return state[0].abs().mean(0).float().cpu().numpy()  # (D, H, W)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
