@@ -49,7 +49,7 @@ def sweep(root: Path, split: Path, name: str, settings: TuneConfig, space_file: 
     run = sweep_dir(root, split, name)
     space = load_space([space_file], TrainConfig)
     start = time.perf_counter()
-    results = run_sweep(run, settings, space, resume=False)
+    results = run_sweep(run, settings, space, resume=False, storage=str((run.path / "ray").resolve()))
     took = time.perf_counter() - start
     table = trial_table(results, space, max_epochs(to_dict(load_config(TrainConfig, run.path / "config.yaml")), space))
     return table, took

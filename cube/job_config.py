@@ -70,6 +70,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker, NCCL
+    # How Ray places the workers: PACK fills a node first (fast gloo/NCCL within a node);
+    # SPREAD puts them on different nodes where it can (a node lost costs fewer workers).
+    placement: str = "PACK"
     max_failures: int = 1  # worker-group restarts from the last checkpoint before giving up
     # Seconds to wait for the cluster to grow when it cannot hold the workers now. 0 = fail at
     # once, naming what was asked and what exists: right for a laptop or a fixed cluster. Set it
@@ -85,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.wait_for_resources_s < 0:
             raise ValueError(f"wait_for_resources_s must be >= 0, got {self.wait_for_resources_s}")
+        if self.placement not in ("PACK", "SPREAD"):
+            raise ValueError(f"placement must be PACK or SPREAD, got {self.placement!r}")
         if self.optim.precision == "fp16" and not self.use_gpu:
             raise ValueError("optim.precision=fp16 needs use_gpu=true; use bf16 on CPU")
 

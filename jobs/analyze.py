@@ -19,13 +19,14 @@ import numpy as np
 from cube.analysis import analyse, write_report
 from cube.checkpoint import load_checkpoint
 from cube.rundir import RunDir, write_json
+from cube.storage import Storage
 from jobs.common import add_verbose_flag, run_main, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cube analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run folder written by `cube train`")
-    p.add_argument("--output", type=Path, help="report folder (default: RUN/analysis)")
+    p.add_argument("--run", required=True, help="run folder written by `cube train`: a path or a storage URI")
+    p.add_argument("--output", help="report folder, a path or a URI (default: RUN/analysis)")
     p.add_argument("--damage-trials", type=int, default=20, help="random damaged blocks to average over (default 20)")
     add_verbose_flag(p)
     return p
@@ -34,15 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    run = RunDir(args.run)
+    run = RunDir(Storage.of(args.run).snapshot())
     run.require("model", "split.parquet", "teacher.json")
     teacher, _ = run.teacher()
     model, _ = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
     result = analyse(model, run.data().held_out("test"), damage_trials=args.damage_trials)
-    out = args.output or run.path / "analysis"
-    path = write_report(result, out, str(run.path))
-    write_json(out / "analysis.json", {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(result).items()})
-    print(f"report: {path}")
+    store = Storage.of(args.output or f"{args.run.rstrip('/')}/analysis")
+    store.reset()
+    path = write_report(result, store.local, args.run)
+    write_json(store.local / "analysis.json", {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(result).items()})
+    store.push()
+    print(f"report: {store}/{path.name}" if store.remote else f"report: {path}")
     return 0
 
 

@@ -27,10 +27,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from cube.checkpoint import CheckpointError
     from cube.data import DataError
     from cube.rundir import RunError
+    from cube.storage import StorageError
     from cube.store import StoreError
     from cube.teacher import TeacherError
 
-    return DataError, RunError, CheckpointError, StoreError, TeacherError, ResourceError, FileNotFoundError, ValueError
+    return (DataError, RunError, CheckpointError, StoreError, StorageError, TeacherError, ResourceError,
+            FileNotFoundError, ValueError)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
@@ -150,7 +152,7 @@ def fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool
     return True
 
 
-def _describe(nodes: list[dict[str, float]]) -> str:
+def describe_nodes(nodes: list[dict[str, float]]) -> str:
     shown = ("CPU", "GPU")
     return "; ".join(f"node {i}: " + ", ".join(f"{k} {n.get(k, 0):g}" for k in shown) for i, n in enumerate(nodes)) or "no nodes"
 
@@ -180,7 +182,7 @@ def require_resources(bundles: list[dict[str, float]], what: str, wait_s: float 
         time.sleep(5.0)
     asked = f"{len(bundles)} x {bundles[0]}" if bundles and all(b == bundles[0] for b in bundles) else str(bundles)
     hint = "" if _embedded or wait_s else " (on an autoscaling cluster, set wait_for_resources_s to wait for nodes)"
-    raise ResourceError(f"{what} needs {asked}, but the Ray cluster has {_describe(nodes)}; ask for fewer workers or "
+    raise ResourceError(f"{what} needs {asked}, but the Ray cluster has {describe_nodes(nodes)}; ask for fewer workers or "
                         f"GPUs, or add nodes{hint}")
 
 

@@ -20,6 +20,7 @@ import argparse
 from pathlib import Path
 
 from cube.job_config import EmbedConfig
+from cube.storage import LOG, Storage
 from jobs.common import add_config_flags, config_from_args, run_main, setup_logging
 from jobs.embedding import embed_file
 
@@ -27,7 +28,8 @@ from jobs.embedding import embed_file
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cube embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", type=Path, help="JSONL, CSV or Parquet with question (and answer) columns")
-    p.add_argument("--output", type=Path, required=True, help="store folder (created; a rerun adds only new texts)")
+    p.add_argument("--output", required=True, help="store folder (created; a rerun adds only new texts): a path or a "
+                                                   "storage URI (s3://…, gs://…, file://…)")
     p.add_argument("--teacher", help="minilm | smollm2 | a Hugging Face id | a local folder (= --set teacher.name=...)")
     p.add_argument("--quantize", choices=["none", "8bit", "4bit"], help="load the teacher through bitsandbytes (= --set teacher.quantize=...)")
     p.add_argument("--pooling", choices=["mean", "last"], help="mean over real tokens or the last one (= --set teacher.pooling=...)")
@@ -56,9 +58,15 @@ def config_from_cli(args: argparse.Namespace) -> EmbedConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, args.output / "ray.log")
-    summary = embed_file(args.input, args.output, config_from_cli(args))
-    print(f"{summary['store']}: {summary['rows']} rows, {summary['texts_in_store']} texts in the store "
+    store = Storage.of(args.output)
+    setup_logging(args.verbose, store.local / LOG)
+    cfg = config_from_cli(args)
+    store.pull()  # the parts already there, so that only new texts are embedded
+    try:
+        summary = embed_file(args.input, store.local, cfg)
+    finally:
+        store.push()
+    print(f"{store}: {summary['rows']} rows, {summary['texts_in_store']} texts in the store "
           f"({summary['embedded_now']} embedded now), {summary['truncated']} truncated at "
           f"teacher.max_length={summary['max_length']}")
     return 0

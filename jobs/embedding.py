@@ -28,7 +28,7 @@ from cube.data import DataConfig, iter_pairs, text_id
 from cube.generate import AnswerWriter, GeneratorConfig
 from cube.job_config import EmbedConfig, PipelineOptions
 from cube.teacher import TeacherConfig, load_teacher
-from jobs.common import ensure_ray, quiet_ray_data
+from jobs.common import describe_nodes, ensure_ray, fits, node_resources, quiet_ray_data
 
 log = logging.getLogger("cube.embed")
 # The light stages (read, id, skip, write) take a sliver of a CPU each: with Ray's default of one
@@ -82,10 +82,11 @@ class WriterActor:
 
 
 class SkipDone:
-    """Drops rows whose id a folder of parts already holds (loaded once per actor)."""
+    """Drops rows whose id is in `done`: the ids that the store already held when the driver
+    looked (the driver reads the store, since this actor may run on a node without it)."""
 
-    def __init__(self, folder: str) -> None:
-        self.done = store.existing_ids(Path(folder))
+    def __init__(self, done: set[str]) -> None:
+        self.done = done
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return batch[~batch["id"].isin(self.done)]
@@ -126,7 +127,7 @@ class PartSink:
 
             @property
             def supports_distributed_writes(self) -> bool:
-                return False  # a local folder lives on the driver's node
+                return False  # Ray Data then writes on the driver's node, where `folder` is
 
         return _PartSink()
 
@@ -144,20 +145,18 @@ def generated_table(df: pd.DataFrame) -> pa.Table:
 
 
 def check_room_for_listing(opts: PipelineOptions) -> None:
-    """Ray Data lists Parquet files in a task that needs one whole free CPU (and takes no
-    options); if the teacher actors hold the rest, the read waits forever. Refuse up front.
+    """Ray Data lists Parquet files in a task that needs one whole free CPU on one node (and
+    takes no options); if the teacher actors hold the rest, the read waits forever. Refuse up
+    front, placing the actors and the listing task node by node as Ray would have to.
 
     Raises:
         ValueError: naming the settings to change.
     """
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0)
-    held = opts.concurrency * opts.cpus_per_actor
-    if total - held < 1:
-        raise ValueError(f"{opts.concurrency} teacher actors x {opts.cpus_per_actor} CPU leave less than the one free CPU "
-                         f"that Ray Data needs to list a Parquet file (cluster CPUs: {total:g}); lower "
-                         "pipeline.concurrency or pipeline.cpus_per_actor")
+    actor = {"CPU": opts.cpus_per_actor, "GPU": opts.num_gpus}
+    if not fits([actor] * opts.concurrency + [{"CPU": 1.0}], node_resources()):
+        raise ValueError(f"{opts.concurrency} teacher actors x {opts.cpus_per_actor:g} CPU leave no node with the one "
+                         f"free CPU that Ray Data needs to list a Parquet file ({describe_nodes(node_resources())}); "
+                         "lower pipeline.concurrency or pipeline.cpus_per_actor")
 
 
 def read_file(path: Path, columns: list[str], opts: PipelineOptions):
@@ -186,7 +185,7 @@ def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder:
     quiet_ray_data()
 
     device = "cuda" if opts.num_gpus > 0 else "cpu"
-    texts = without_restarts(texts.map_batches, SkipDone, fn_constructor_kwargs={"folder": str(folder)},
+    texts = without_restarts(texts.map_batches, SkipDone, fn_constructor_kwargs={"done": store.existing_ids(folder)},
                              batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
     vectors = without_restarts(
         texts.map_batches, TeacherActor,
@@ -244,7 +243,7 @@ def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
     device = "cuda" if cfg.pipeline.num_gpus > 0 else "cpu"
     questions = read_file(path, [cfg.data.question_col], cfg.pipeline).map_batches(
         with_question_ids(cfg.data.question_col), batch_format="pandas", **LIGHT)
-    todo = without_restarts(questions.map_batches, SkipDone, fn_constructor_kwargs={"folder": str(parts)},
+    todo = without_restarts(questions.map_batches, SkipDone, fn_constructor_kwargs={"done": store.existing_ids(parts)},
                             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
     answered = without_restarts(
         todo.map_batches, WriterActor,

@@ -23,6 +23,7 @@ from cube.evaluate import evaluate_run, format_report
 from cube.job_config import PipelineOptions
 from cube.metrics import HeldOut
 from cube.rundir import RunDir
+from cube.storage import Storage
 from jobs.common import add_verbose_flag, run_main, setup_logging
 
 
@@ -40,7 +41,7 @@ def held_out_file(run: RunDir, data: Path) -> HeldOut:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cube eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run folder written by `cube train`")
+    p.add_argument("--run", required=True, help="run folder written by `cube train`: a path or a storage URI")
     p.add_argument("--data", type=Path, help="evaluate on every row of this Q&A file instead of the run's test split")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_verbose_flag(p)
@@ -50,12 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    path = Storage.of(args.run).snapshot()
     if args.data is None:
-        report = evaluate_run(args.run)
+        report = evaluate_run(path)
     else:
-        run = RunDir(args.run)
+        run = RunDir(path)
         run.require("model")
-        report = evaluate_run(args.run, held_out_file(run, args.data), source=f"{args.data} (all rows)")
+        report = evaluate_run(path, held_out_file(run, args.data), source=f"{args.data} (all rows)")
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

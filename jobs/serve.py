@@ -44,7 +44,7 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
     raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:g} s (last: {last})")
 
 
-def start(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, answers: Path | None = None,
+def start(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, answers: Path | None = None,
           config: Path | None = None, settings: dict[str, Any] | None = None, overrides: list[str] | None = None) -> str:
     """Deploy the app for `run_dir`; returns its base URL once /healthz answers 200.
 
@@ -56,11 +56,13 @@ def start(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, answers: Pat
 
     from cube.config import to_dict
     from cube.rundir import RunDir
+    from cube.storage import is_uri
     from serve.app import build_app
     from serve.settings import load_settings
 
     # Checked before Ray is touched: the run folder and the settings.
-    RunDir(run_dir).require("model", "split.parquet", "teacher.json")
+    if not is_uri(run_dir):  # a URI is checked by build_app, on the copy it reads
+        RunDir(run_dir).require("model", "split.parquet", "teacher.json")
     cfg = load_settings(config, settings, overrides)
     args: dict[str, Any] = {"run_dir": str(run_dir), "settings": to_dict(cfg)}
     if answers is not None:
@@ -86,7 +88,8 @@ def stop() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cube serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run folder written by `cube train`")
+    p.add_argument("--run", required=True, help="run folder written by `cube train`: a path or a storage URI "
+                                                "(each replica reads its own copy)")
     p.add_argument("--answers", type=Path, help="JSONL/CSV/Parquet file whose `answer` column joins the bank")
     p.add_argument("--config", type=Path, help="YAML file of serve settings (see serve/settings.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -75,7 +75,7 @@ def train_driver_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_di
     for name in ("teacher.json", "split.parquet"):
         if not (trial / name).exists():
             (trial / name).symlink_to(Path(sweep_dir, name).resolve())
-    trainer_for(RunDir(trial), cfg, callbacks=[TuneReportCallback()]).fit()
+    trainer_for(RunDir(trial), cfg, str((trial / "ray").resolve()), callbacks=[TuneReportCallback()]).fit()
 
 
 # ---------------------------------------------------------------- the Tuner
@@ -118,7 +118,7 @@ def max_epochs(base: dict[str, Any], space: list[Param]) -> int:
     return int(base["optim"]["epochs"])
 
 
-def build_tuner(sweep: RunDir, settings: TuneConfig, space: list[Param], callbacks: list | None = None):
+def build_tuner(sweep: RunDir, settings: TuneConfig, space: list[Param], storage: str, callbacks: list | None = None):
     import optuna
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -142,7 +142,7 @@ def build_tuner(sweep: RunDir, settings: TuneConfig, space: list[Param], callbac
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
                                     num_samples=settings.trials, reuse_actors=False),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=str((sweep.path / "ray").resolve()), verbose=0,
+            name=EXPERIMENT, storage_path=storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order="max"),
@@ -151,19 +151,22 @@ def build_tuner(sweep: RunDir, settings: TuneConfig, space: list[Param], callbac
     )
 
 
-def run_sweep(sweep: RunDir, settings: TuneConfig, space: list[Param], resume: bool, callbacks: list | None = None):
-    """Fit the Tuner (or restore it, leaving finished trials alone); returns the ResultGrid."""
+def run_sweep(sweep: RunDir, settings: TuneConfig, space: list[Param], resume: bool, storage: str,
+              callbacks: list | None = None):
+    """Fit the Tuner (or restore it, leaving finished trials alone); returns the ResultGrid.
+    `storage` is Tune's storage path (the sweep's `ray/`, or `URI/ray`), where every trial
+    checkpoints from whichever node runs it."""
     per_trial = trial_resources(settings)
     require_resources([per_trial] * max(1, settings.workers_per_trial), "one trial",
                       load_config(TrainConfig, sweep.path / "config.yaml").wait_for_resources_s)
-    path = str((sweep.path / "ray" / EXPERIMENT).resolve())
+    path = f"{storage}/{EXPERIMENT}"
     if resume and tune.Tuner.can_restore(path):
         log.info("resuming the sweep in %s (finished trials are kept, unfinished ones continue)", path)
         tuner = tune.Tuner.restore(path, trainable=trainable(sweep, settings), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False,
                                    param_space={p.key: p.to_tune() for p in space})
     else:
-        tuner = build_tuner(sweep, settings, space, callbacks)
+        tuner = build_tuner(sweep, settings, space, storage, callbacks)
     return tuner.fit()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cube.evaluate import format_report
 from cube.job_config import TrainConfig
+from cube.storage import LOG, Storage
 from jobs.common import add_config_flags, config_from_args, run_main, setup_logging
 from jobs.trainer import train
 
@@ -23,8 +24,9 @@ from jobs.trainer import train
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cube train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="Q&A file: JSONL, CSV or Parquet with question/answer columns")
-    p.add_argument("--output", type=Path, help="run folder to create (must be empty or absent)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--output", help="run folder to create (must be empty or absent): a path, or a storage URI "
+                                    "(s3://…, gs://…, file://…) that every node of a cluster can reach")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (path or URI) from its last checkpoint")
     add_config_flags(p)
     return p
 
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose, (args.resume or args.output or Path(".")) / "ray.log")
+    setup_logging(args.verbose, Storage.of(args.resume or args.output or ".").local / LOG)
     if args.resume:
         if args.data or args.output or args.config or args.overrides:
             parser.error("--resume takes only the run folder: its config and data are already in it")

@@ -28,6 +28,7 @@ from cube.evaluate import evaluate_run
 from cube.job_config import TrainConfig
 from cube.metrics import Split
 from cube.rundir import RunDir, write_json, write_split
+from cube.storage import Storage
 from cube.training import EpochEnd, build_model, fit, peak_lr
 from jobs.common import ensure_ray, require_resources, setup_logging
 from jobs.embedding import embed_pairs
@@ -115,8 +116,9 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
     return {"CPU": 1.0, "GPU": 1.0 if cfg.use_gpu else 0.0}
 
 
-def trainer_for(run: RunDir, cfg: TrainConfig, callbacks: list | None = None):
-    """The TorchTrainer for a prepared run folder; its Train storage is RUN_DIR/ray."""
+def trainer_for(run: RunDir, cfg: TrainConfig, storage: str, callbacks: list | None = None):
+    """The TorchTrainer for a prepared run folder. `storage` is Ray Train's storage path (the
+    run's `ray/`, or `URI/ray`): every worker writes its checkpoints there, whatever its node."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -135,9 +137,10 @@ def trainer_for(run: RunDir, cfg: TrainConfig, callbacks: list | None = None):
     return TorchTrainer(
         train_worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=worker_resources(cfg)),
+                                               resources_per_worker=worker_resources(cfg),
+                                               placement_strategy=cfg.placement),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=str((run.path / "ray").resolve()),
+            name="train", storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_mrr",
                                                          checkpoint_score_order="max"),
@@ -184,14 +187,14 @@ class EpochBar:
         bar.close()
 
 
-def fit_run(run: RunDir, cfg: TrainConfig) -> None:
+def fit_run(run: RunDir, cfg: TrainConfig, storage: str) -> None:
     """Run (or resume) training, then publish the best and last checkpoints into the run folder."""
     from jobs.metrics_log import MetricsLog
 
     require_resources([worker_resources(cfg)] * cfg.workers, f"training with {cfg.workers} workers",
                       cfg.wait_for_resources_s)
     with EpochBar(run.path / "metrics.csv", cfg.optim.epochs):
-        result = trainer_for(run, cfg, callbacks=[MetricsLog(str(run.path))]).fit()
+        result = trainer_for(run, cfg, storage, callbacks=[MetricsLog(str(run.path))]).fit()
     best = result.get_best_checkpoint(metric="val_mrr", mode="max")
     for src, dst in ((best, "model"), (result.checkpoint, "last")):
         with src.as_directory() as d:
@@ -199,8 +202,12 @@ def fit_run(run: RunDir, cfg: TrainConfig) -> None:
     log.info("best checkpoint (val MRR %.3f) → %s", load_checkpoint(run.path / "model")[1]["val"]["mrr"], run.model_dir)
 
 
-def train(data_path: Path | None, run_path: Path, cfg: TrainConfig | None, resume: bool = False) -> dict:
-    """Train into `run_path` (fresh) or continue it (`resume`); returns the held-out report.
+def train(data_path: Path | None, target: str | Path, cfg: TrainConfig | None, resume: bool = False) -> dict:
+    """Train into `target` (fresh) or continue it (`resume`); returns the held-out report.
+
+    `target` is a folder or a storage URI (cube/storage.py): with a URI the run is staged in a
+    local folder and copied to the URI at the end, also when training fails, so that `--resume
+    URI` from any machine finds its config, split and metrics.
 
     Raises:
         RunError: `resume` on a folder that is not a run, or a fresh run into an existing one.
@@ -208,22 +215,29 @@ def train(data_path: Path | None, run_path: Path, cfg: TrainConfig | None, resum
     from cube.plots import plot_curves
     from cube.rundir import RunError
 
-    run = RunDir(run_path)
+    store = Storage.of(target)
+    run = RunDir(store.local)
     if resume:
+        store.pull()
         run.require("config.yaml", "split.parquet", "teacher.json")
         if (run.path / "eval.json").is_file():
-            log.info("%s is already finished; nothing to retrain (delete it to train again)", run.path)
+            log.info("%s is already finished; nothing to retrain (delete it to train again)", store)
             return evaluate_run(run.path)
         cfg = load_config(TrainConfig, run.path / "config.yaml")
     else:
         assert cfg is not None and data_path is not None
-        if (run.path / "config.yaml").exists():
-            raise RunError(f"{run.path} already holds a run; pass --resume {run.path} to continue it, "
+        if store.exists("config.yaml"):
+            raise RunError(f"{store} already holds a run; pass --resume {store} to continue it, "
                            "or choose another --output")
+        store.reset()
         prepare_run(run, cfg, data_path)
-    ensure_ray()
-    fit_run(run, cfg)
-    report = evaluate_run(run.path)
-    write_json(run.path / "eval.json", report)
-    plot_curves(run.path / "metrics.csv", run.path / "curves.png")
+        store.push()  # the inputs first: a run killed before its end can still be resumed from the URI
+    try:
+        ensure_ray()
+        fit_run(run, cfg, store.ray_storage())
+        report = evaluate_run(run.path)
+        write_json(run.path / "eval.json", report)
+        plot_curves(run.path / "metrics.csv", run.path / "curves.png")
+    finally:
+        store.push()
     return report

@@ -27,6 +27,7 @@ from cube.evaluate import format_report
 from cube.job_config import TrainConfig, TuneConfig
 from cube.rundir import RunDir, RunError
 from cube.search_space import load_space
+from cube.storage import LOG, Storage
 from jobs.common import add_config_flags, config_from_args, ensure_ray, run_main, setup_logging
 
 log = logging.getLogger("cube.tune")
@@ -40,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cube tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="Q&A file: JSONL, CSV or Parquet with question/answer columns")
     p.add_argument("--space", type=Path, action="append", default=[], help="search-space YAML (repeatable; see tune_spaces/)")
-    p.add_argument("--output", type=Path, help="sweep folder to create")
-    p.add_argument("--resume", type=Path, metavar="SWEEP_DIR", help="continue a sweep whose driver died")
+    p.add_argument("--output", help="sweep folder to create: a path, or a storage URI (s3://…, gs://…, file://…) "
+                                    "that every node of a cluster can reach")
+    p.add_argument("--resume", metavar="SWEEP_DIR", help="continue a sweep (path or URI) whose driver died")
     d = TuneConfig()
     p.add_argument("--trials", type=int, help=f"trials to run (default {d.trials})")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
@@ -63,7 +65,7 @@ def tune_config(args: argparse.Namespace) -> TuneConfig:
     return from_dict(TuneConfig, {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None})
 
 
-def start(args: argparse.Namespace) -> tuple[RunDir, TuneConfig, list[Path]]:
+def start(args: argparse.Namespace, store: Storage) -> tuple[RunDir, TuneConfig, list[Path]]:
     """Check everything, then embed once and write the sweep folder's inputs."""
     from jobs.sweep import write_settings
     from jobs.trainer import prepare_run
@@ -73,18 +75,24 @@ def start(args: argparse.Namespace) -> tuple[RunDir, TuneConfig, list[Path]]:
     load_space(args.space, TrainConfig)  # a bad space fails before anything is embedded
     settings = tune_config(args)
     cfg = config_from_args(TrainConfig, args)
-    sweep = RunDir(args.output)
-    if (sweep.path / "tune.yaml").exists():
-        raise RunError(f"{sweep.path} already holds a sweep; pass --resume {sweep.path} to continue it, or choose another --output")
+    if settings.workers_per_trial and store.remote:
+        raise ValueError("--workers-per-trial writes each trial's run folder beside the sweep's: give --output a path "
+                         "on storage that every node mounts (NFS, EFS), not a URI")
+    if store.exists("tune.yaml"):
+        raise RunError(f"{store} already holds a sweep; pass --resume {store} to continue it, or choose another --output")
+    store.reset()
+    sweep = RunDir(store.local)
     prepare_run(sweep, cfg, args.data)
     write_settings(sweep, settings, args.space)
+    store.push()  # the inputs first: a sweep whose driver dies can be resumed from the URI
     return sweep, settings, args.space
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose, (args.resume or args.output or Path(".")) / "ray.log")
+    store = Storage.of(args.resume or args.output or ".")
+    setup_logging(args.verbose, store.local / LOG)
     # Every epoch checkpoints, so that a killed driver loses at most one epoch per trial; Tune
     # then warns on each snapshot that snapshots are frequent. That is the intent: silence it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -93,15 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         if args.data or args.output or args.space or args.config or args.overrides:
             parser.error("--resume takes only the sweep folder: its data, spaces and settings are already in it")
-        sweep = RunDir(args.resume)
+        store.pull()
+        sweep = RunDir(store.local)
         sweep.require("tune.yaml", "config.yaml", "split.parquet", "teacher.json")
         settings, spaces = read_settings(sweep)
     else:
-        sweep, settings, spaces = start(args)
+        sweep, settings, spaces = start(args, store)
     space = load_space(spaces, TrainConfig)
-    ensure_ray()
-    results = run_sweep(sweep, settings, space, resume=bool(args.resume), callbacks=[TrialProgress(settings.trials)])
-    summary = finish(sweep, settings, space, results)
+    try:
+        ensure_ray()
+        results = run_sweep(sweep, settings, space, resume=bool(args.resume), storage=store.ray_storage(),
+                            callbacks=[TrialProgress(settings.trials)])
+        summary = finish(sweep, settings, space, results)
+    finally:
+        store.push()
     print(summary["text"])
     print(format_report(summary["best_eval"]).split("\nexamples")[0])
     return 0

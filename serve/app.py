@@ -20,6 +20,7 @@ from ray import serve
 
 from cube.config import to_dict
 from cube.rundir import RunDir
+from cube.storage import Storage, is_uri
 from serve.bank import prepare_extra_answers
 from serve.embedder import TeacherEmbedder
 from serve.generator import Generator
@@ -41,16 +42,17 @@ def _live(s: DeploymentSettings) -> dict[str, Any]:
     return {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
 
 
-def compose(run_dir: Path, cfg: ServeConfig, answers: str | None = None, store_folder: str | None = None) -> serve.Application:
-    """Bind the four deployments for a checked run with settings `cfg`."""
-    run = RunDir(run_dir)
+def compose(run: RunDir, target: str, cfg: ServeConfig, answers: str | None = None,
+            store_folder: str | None = None) -> serve.Application:
+    """Bind the four deployments for a checked run (read from `target`, its path or URI, by each
+    predictor replica on its own node) with settings `cfg`."""
     teacher, _ = run.teacher()
     # Old replicas finish their requests during a redeploy (a swap to another run) before they go.
     drain = {"graceful_shutdown_timeout_s": cfg.limits.request_timeout_s + 5}
     embedder = TeacherEmbedder.options(**cfg.embedder.options(), **drain, user_config=_live(cfg.embedder)).bind(
         to_dict(teacher), to_dict(cfg.embedder))
     predictor = CubePredictor.options(**cfg.predictor.options(), **drain, user_config=_live(cfg.predictor)).bind(
-        str(run.path), answers, store_folder, to_dict(cfg.predictor))
+        target, answers, store_folder, to_dict(cfg.predictor))
     generator = Generator.options(**cfg.generator.options(), **drain, user_config=_live(cfg.generator)).bind(
         to_dict(teacher), cfg.limits.generation_max_new_tokens, to_dict(cfg.generator))
     return AnswerAPI.options(**cfg.api.options(), **drain).bind(embedder, predictor, generator, to_dict(cfg.limits))
@@ -71,7 +73,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ValueError(f"unknown app argument(s) {unknown}; valid: {ARGS}")
     if not args.get("run_dir"):
         raise ValueError("pass run_dir=RUN_DIR (a folder written by `cube train`)")
-    run = RunDir(Path(args["run_dir"]).expanduser().resolve())
+    target = str(args["run_dir"]) if is_uri(args["run_dir"]) else str(Path(args["run_dir"]).expanduser().resolve())
+    run = RunDir(Storage.of(target).snapshot())
     run.require("model", "split.parquet", "teacher.json")
     settings = args.get("settings") or {}
     if not isinstance(settings, dict):
@@ -79,5 +82,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     cfg = load_settings(args.get("config"), settings)
     answers = str(Path(args["answers"]).expanduser().resolve()) if args.get("answers") else None
     store_folder = prepare_extra_answers(answers, run.teacher()[0]) if answers else None
-    log.info("serving %s (teacher %s)%s", run.path, run.teacher()[0].name, f" with extra answers {answers}" if answers else "")
-    return compose(run.path, cfg, answers, store_folder)
+    log.info("serving %s (teacher %s)%s", target, run.teacher()[0].name, f" with extra answers {answers}" if answers else "")
+    return compose(run, target, cfg, answers, store_folder)

@@ -19,6 +19,7 @@ import torch
 from cube.answering import Answer, as_tensor, lattice_activity
 from cube.checkpoint import load_checkpoint
 from cube.rundir import RunDir
+from cube.storage import Storage
 from cube.teacher import load_teacher
 from cube.training import predict
 from serve.bank import load_bank
@@ -70,7 +71,7 @@ class ModelMismatch(RuntimeError):
 class LoadedRun:
     def __init__(self, run_dir: str | Path, answers: str | None = None, store_folder: str | None = None,
                  device: str = "cpu") -> None:
-        run = RunDir(run_dir)
+        run = RunDir(Storage.of(run_dir).snapshot())  # a URI: a private copy on this replica's node
         run.require("model", "split.parquet", "teacher.json")
         self.run = run
         self.teacher, self.dim = run.teacher()

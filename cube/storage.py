@@ -1,0 +1,131 @@
+"""Where a job's output folder lives: a local path, or a URI that pyarrow's filesystems open
+(`s3://bucket/runs/a`, `gs://…`, `hdfs://…`, `file:///mnt/nfs/runs/a`).
+
+A job always works in a local folder, because the run folder is read and written with plain
+file APIs (safetensors, Parquet, matplotlib). For a URI that folder is a staging copy under
+`$CUBE_CACHE/staging/`: `pull` fills it from the URI before the job (a resume, an eval of a
+finished run), `push` copies it back after. Ray Train and Ray Tune write their checkpoints
+straight to `URI/ray` from whichever node runs a worker or trial (`ray_storage`), so nothing a
+worker writes depends on its node's disk. A plain path is used as is: on several nodes it must be
+shared storage mounted at the same path everywhere (NFS, EFS, a ReadWriteMany volume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cube.cache import cache_dir
+
+RAY_SUBDIR = "ray"  # Ray Train's / Tune's own storage inside a run or sweep folder
+LOG = "ray.log"  # the job's own log, open while the job runs
+
+
+class StorageError(RuntimeError):
+    """A URI that no pyarrow filesystem can open, or a copy to or from it that failed."""
+
+
+def is_uri(target: str | Path) -> bool:
+    return "://" in str(target)
+
+
+@dataclass
+class Storage:
+    target: str  # what the user gave: a path or a URI
+    local: Path  # the folder the job reads and writes
+
+    @classmethod
+    def of(cls, target: str | Path) -> "Storage":
+        if not is_uri(target):
+            return cls(str(target), Path(target))
+        uri = str(target).rstrip("/")
+        _filesystem(uri)  # fail now, before any work, on a URI pyarrow cannot open
+        return cls(uri, cache_dir("staging", hashlib.sha256(uri.encode()).hexdigest()[:16]))
+
+    @property
+    def remote(self) -> bool:
+        return is_uri(self.target)
+
+    def ray_storage(self) -> str:
+        """Ray Train's / Tune's storage_path: `URI/ray`, or the local folder's absolute `ray/`."""
+        if self.remote:
+            return f"{self.target}/{RAY_SUBDIR}"
+        return str((self.local / RAY_SUBDIR).resolve())
+
+    def exists(self, name: str) -> bool:
+        """Whether `name` (a file of the folder) exists at the target, without pulling."""
+        if not self.remote:
+            return (self.local / name).exists()
+        import pyarrow.fs as pafs
+
+        fs, root = _filesystem(self.target)
+        return fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound
+
+    def reset(self) -> None:
+        """Empty the staging folder of a URI before a fresh job (a plain path is left alone)."""
+        if self.remote:
+            for entry in self.local.iterdir() if self.local.is_dir() else ():
+                if entry.name != LOG:  # the job's log may already be open
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def pull(self) -> None:
+        """Fill the staging folder from the target (Ray's own storage stays where it is)."""
+        if self.remote:
+            self.reset()
+            _copy_tree(*_filesystem(self.target), _local_fs(), str(self.local.resolve()), skip=(LOG,))
+
+    def snapshot(self) -> Path:
+        """A local folder to read the target from: the path itself, or a fresh private copy of
+        the URI's folder (private, so that replicas or jobs on one node never share a copy that
+        another is refreshing)."""
+        if not self.remote:
+            return self.local
+        copy = Path(tempfile.mkdtemp(prefix=f"{self.local.name}-", dir=self.local.parent))
+        _copy_tree(*_filesystem(self.target), _local_fs(), str(copy.resolve()), skip=(LOG,))
+        return copy
+
+    def push(self) -> None:
+        """Copy the local folder to the target (nothing to do for a plain path)."""
+        if self.remote and self.local.is_dir():
+            _copy_tree(_local_fs(), str(self.local.resolve()), *_filesystem(self.target))
+
+    def __str__(self) -> str:
+        return self.target
+
+
+def _local_fs():
+    import pyarrow.fs as pafs
+
+    return pafs.LocalFileSystem()
+
+
+def _filesystem(uri: str):
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError / OSError
+        raise StorageError(f"cannot open storage URI {uri!r}: {e} (a local path, file://, s3://, gs:// or "
+                           "hdfs:// URI that this machine's pyarrow can reach)") from None
+
+
+def _copy_tree(src_fs, src: str, dst_fs, dst: str, skip: tuple[str, ...] = ()) -> None:
+    """Copy every file under `src` to `dst`, but Ray's own storage, temporary files and `skip`."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = src_fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True))
+        dst_fs.create_dir(dst, recursive=True)
+        for info in infos:
+            rel = info.path[len(src.rstrip("/")) + 1:]
+            if rel.split("/")[0] in (RAY_SUBDIR, *skip) or ".tmp" in rel.rsplit("/", 1)[-1]:
+                continue
+            if info.type == pafs.FileType.Directory:
+                dst_fs.create_dir(f"{dst}/{rel}", recursive=True)
+            elif info.type == pafs.FileType.File:
+                pafs.copy_files(info.path, f"{dst}/{rel}", source_filesystem=src_fs, destination_filesystem=dst_fs)
+    except OSError as e:
+        raise StorageError(f"copying {src} to {dst} failed: {e}") from None
