@@ -91,6 +91,23 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
             current.unlink()
 
 
+def submit_job(cluster: Cluster, env_vars: dict[str, str], *entrypoint: str,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . -- python -m ENTRYPOINT`, waiting for it to end."""
+    import json
+
+    runtime_env = json.dumps({"env_vars": env_vars})
+    deadline = time.time() + 90
+    while True:
+        proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
+                               "--runtime-env-json", runtime_env, "--", "python", "-m", *entrypoint],
+                              env=cluster.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        # A fresh head answers before its job agent is up; Ray's own message says to try again.
+        if "No available agent to submit job" not in proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
 SMOKE_OVERRIDES = ["optim.epochs=4"]  # configs/smoke.yaml plus these: the suite's standard run
 
 

@@ -4,12 +4,10 @@ resources the cluster lacks fails at once, and `serve deploy serve/config.yaml` 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,23 +15,13 @@ import requests
 import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from conftest import BIN, ROOT, free_port
+from conftest import BIN, ROOT, free_port, submit_job
 from cube import store
 
 pytestmark = pytest.mark.ray
 
 
-def submit(cluster, env_vars: dict[str, str], *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    runtime_env = json.dumps({"env_vars": env_vars})
-    deadline = time.time() + 90
-    while True:
-        proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
-                               "--runtime-env-json", runtime_env, "--", "python", "-m", *entrypoint],
-                              env=cluster.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        # A fresh head answers before its job agent is up; Ray's own message says to try again.
-        if "No available agent to submit job" not in proc.stderr or time.time() > deadline:
-            return proc
-        time.sleep(3)
+submit = submit_job
 
 
 @pytest.fixture(scope="module")
