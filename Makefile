@@ -32,7 +32,7 @@ browser:
 	  || echo "note: /usr/bin/chromium is missing and could not be installed; the browser test will be skipped (apt-get install chromium)"
 
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf runs .pytest_cache

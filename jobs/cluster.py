@@ -16,7 +16,8 @@ the line that points every cube command and `ray job submit` at the cluster:
 (--state, default ~/.cache/cube/cluster), and any other Ray on this machine is left alone,
 unlike `ray stop`, which stops them all. Each node's output is in STATE/<node>.log. Ray
 registers the nodes under the machine's own IP address even though they are started with
---node-ip-address=127.0.0.1; clients still connect through 127.0.0.1.
+--node-ip-address=127.0.0.1; clients still connect through 127.0.0.1. Each worker node keeps its
+own Ray temp folder (/tmp/cube-ray-PORT-worker-N), as separate machines would.
 
 Token authentication stays on (Ray's default since 2.59): the nodes run with RAY_AUTH_MODE=token
 and the token in $RAY_AUTH_TOKEN or ~/.ray/auth_token (created with `ray get-auth-token
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -240,6 +242,9 @@ def stop_nodes(pids: list[int], timeout: float) -> None:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    deadline = time.monotonic() + 10  # SIGKILL is not instant either
+    while time.monotonic() < deadline and any(_stat(p) for p in procs):
+        time.sleep(0.1)
 
 
 def forget_current_cluster(address: str) -> None:
@@ -251,6 +256,11 @@ def forget_current_cluster(address: str) -> None:
             current.unlink()
     except OSError:
         pass
+
+
+def worker_temp_dir(port: int, name: str) -> Path:
+    # Short and under /tmp: Ray's socket paths inside it must stay under 108 characters.
+    return Path(f"/tmp/cube-ray-{port}-{name}")
 
 
 def running(data: dict | None) -> list[dict]:
@@ -294,10 +304,22 @@ def up(args: argparse.Namespace) -> int:
         # Ports Ray would otherwise take at a fixed default (the dashboard agent's 52365, the
         # client server's 10001) are chosen free, so that this cluster never collides with
         # another Ray on the machine; Ray picks the rest at random.
-        node = start_node(name, [*extra, f"--dashboard-agent-listen-port={free_port()}", *common], env, state)
+        node = start_node(name, [*extra, f"--dashboard-agent-listen-port={free_port()}", *common, *temp_dir(name)],
+                          env, state)
         node["_extra"] = extra
         record(node)
         return node
+
+    def temp_dir(name: str) -> list[str]:
+        """A temp folder of its own for each worker node. Nodes on one machine would otherwise
+        share the head's session folder, and a node unpacking a job's working_dir there replaces
+        the folder that the job's driver runs in (its cwd vanishes mid-job)."""
+        if name == "head":
+            return []
+        path = worker_temp_dir(args.port, name)
+        if str(path) not in data.setdefault("temp_dirs", []):
+            data["temp_dirs"].append(str(path))
+        return [f"--temp-dir={path}"]
 
     def confirm(node: dict, up: list[dict]) -> None:
         """Wait for a launched node (while the nodes in `up` keep running); launch it once more
@@ -358,6 +380,8 @@ def down(args: argparse.Namespace) -> int:
     if left:
         raise ClusterError(f"could not stop {', '.join(left)}; see the logs in {args.state}")
     forget_current_cluster(data["address"])
+    for path in data.get("temp_dirs", []):
+        shutil.rmtree(path, ignore_errors=True)
     (args.state / "cluster.json").unlink(missing_ok=True)
     print(f"stopped the cluster at {data['address']} ({len(nodes)} node(s))")
     return 0
