@@ -16,8 +16,9 @@ the line that points every cube command and `ray job submit` at the cluster:
 (--state, default ~/.cache/cube/cluster), and any other Ray on this machine is left alone,
 unlike `ray stop`, which stops them all. Each node's output is in STATE/<node>.log. Ray
 registers the nodes under the machine's own IP address even though they are started with
---node-ip-address=127.0.0.1; clients still connect through 127.0.0.1. Each worker node keeps its
-own Ray temp folder (/tmp/cube-ray-PORT-worker-N), as separate machines would.
+--node-ip-address=127.0.0.1; clients still connect through 127.0.0.1. Each node keeps its own Ray
+temp folder (/tmp/cube-ray-PORT-NODE), as separate machines would, so nothing of this cluster
+lands in /tmp/ray, where other Rays on the machine keep theirs.
 
 Token authentication stays on (Ray's default since 2.59): the nodes run with RAY_AUTH_MODE=token
 and the token in $RAY_AUTH_TOKEN or ~/.ray/auth_token (created with `ray get-auth-token
@@ -247,20 +248,14 @@ def stop_nodes(pids: list[int], timeout: float) -> None:
         time.sleep(0.1)
 
 
-def forget_current_cluster(address: str) -> None:
-    """`ray start --head` leaves its address in /tmp/ray; a later bare ray.init() would chase it.
-    Ray writes the machine's own IP there, not 127.0.0.1, so the port identifies ours."""
-    current = Path("/tmp/ray/ray_current_cluster")
-    try:
-        if current.is_file() and current.read_text().strip().endswith(":" + address.rsplit(":", 1)[1]):
-            current.unlink()
-    except OSError:
-        pass
-
-
-def worker_temp_dir(port: int, name: str) -> Path:
+def node_temp_dir(port: int, name: str) -> Path:
     # Short and under /tmp: Ray's socket paths inside it must stay under 108 characters.
     return Path(f"/tmp/cube-ray-{port}-{name}")
+
+
+def remove_temp_dirs(data: dict) -> None:
+    for path in data.get("temp_dirs", []):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def running(data: dict | None) -> list[dict]:
@@ -311,12 +306,11 @@ def up(args: argparse.Namespace) -> int:
         return node
 
     def temp_dir(name: str) -> list[str]:
-        """A temp folder of its own for each worker node. Nodes on one machine would otherwise
-        share the head's session folder, and a node unpacking a job's working_dir there replaces
-        the folder that the job's driver runs in (its cwd vanishes mid-job)."""
-        if name == "head":
-            return []
-        path = worker_temp_dir(args.port, name)
+        """A Ray temp folder of its own for each node, as on separate machines. In the shared
+        default (/tmp/ray), a node unpacking a job's working_dir replaces the folder that the
+        job's driver runs in, and a job's driver connects to whichever cluster on the machine
+        last wrote /tmp/ray/ray_current_cluster (Ray's job supervisor resolves "auto" there)."""
+        path = node_temp_dir(args.port, name)
         if str(path) not in data.setdefault("temp_dirs", []):
             data["temp_dirs"].append(str(path))
         return [f"--temp-dir={path}"]
@@ -350,7 +344,7 @@ def up(args: argparse.Namespace) -> int:
             confirm(launch(f"worker-{i}", [f"--address={address}"]), [head])
     except BaseException:
         stop_nodes([n["pid"] for n in reversed(started)], timeout=30)
-        forget_current_cluster(address)
+        remove_temp_dirs(data)
         (state / "cluster.json").unlink(missing_ok=True)
         raise
     total = args.cpus_per_node * (args.workers + 1)
@@ -379,9 +373,7 @@ def down(args: argparse.Namespace) -> int:
     left = [n["name"] for n in nodes if node_processes(n["pid"])]
     if left:
         raise ClusterError(f"could not stop {', '.join(left)}; see the logs in {args.state}")
-    forget_current_cluster(data["address"])
-    for path in data.get("temp_dirs", []):
-        shutil.rmtree(path, ignore_errors=True)
+    remove_temp_dirs(data)
     (args.state / "cluster.json").unlink(missing_ok=True)
     print(f"stopped the cluster at {data['address']} ({len(nodes)} node(s))")
     return 0

@@ -131,23 +131,9 @@ def wait_job(client: JobSubmissionClient, job_id: str, timeout: float = 900) -> 
     return status
 
 
-SUBMIT = """
-import json, sys
-from ray.job_submission import JobSubmissionClient
-address, entrypoint, runtime_env = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-print(JobSubmissionClient(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env))
-"""
-
-
 def submit_async(cluster: MultiNode, env_vars: dict[str, str], *args: str) -> str:
-    """Submit through JobSubmissionClient, from a process of its own: in this one (the driver of
-    the suite's shared cluster) the uploaded working_dir package went missing before the job's
-    actors could fetch it ("Failed to download runtime_env file package")."""
-    runtime_env = json.dumps({"working_dir": str(ROOT), "env_vars": env_vars})
-    done = subprocess.run([sys.executable, "-c", SUBMIT, cluster.dashboard, " ".join(["python", "-m", *args]), runtime_env],
-                          env=cluster.env, capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()[-1]
+    return cluster.client().submit_job(entrypoint=" ".join(["python", "-m", *args]),
+                                       runtime_env={"working_dir": str(ROOT), "env_vars": env_vars})
 
 
 def test_cluster_status_shows_three_nodes(multinode):
@@ -188,12 +174,6 @@ def test_embed_job_through_the_client_writes_its_store_to_a_uri(multinode, job_e
     assert (target / "teacher.json").is_file()
 
 
-PACKAGE_LOST = pytest.mark.skip(reason=(
-    "not passing yet: a job submitted while the suite's shared cluster runs fails to start its Train controller "
-    "with Ray 2.60's 'Failed to download runtime_env file package ... prematurely deleted from the GCS' (issue 10)"))
-
-
-@PACKAGE_LOST
 def test_training_job_survives_losing_a_worker_node(multinode, job_env, qa_sample, smoke_run, tmp_path):
     run = tmp_path / "run"  # a plain path: on one machine the local disk is storage every node shares
     client = multinode.client()
@@ -226,7 +206,6 @@ TRIAL_ACTORS = ("ImplicitFunc", "cube_trial")  # Tune's actor for a function tra
 SPACE = "cube.hidden: {distribution: choice, values: [8, 16]}\noptim.lr: {distribution: loguniform, low: 1.0e-3, high: 1.0e-2}\n"
 
 
-@PACKAGE_LOST
 def test_sweep_survives_losing_a_node(multinode, job_env, qa_sample, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
