@@ -27,6 +27,7 @@ from cube.config import load_config, save_config, to_dict
 from cube.job_config import TrainConfig, TuneConfig
 from cube.rundir import RunDir
 from cube.search_space import load_space
+from cube.storage import Storage
 from jobs.common import ensure_ray
 from jobs.sweep import max_epochs, run_sweep, trial_table
 
@@ -49,7 +50,7 @@ def sweep(root: Path, split: Path, name: str, settings: TuneConfig, space_file: 
     run = sweep_dir(root, split, name)
     space = load_space([space_file], TrainConfig)
     start = time.perf_counter()
-    results = run_sweep(run, settings, space, resume=False, storage=str((run.path / "ray").resolve()))
+    results = run_sweep(run, settings, space, resume=False, storage=Storage.of(run.path).ray_storage())
     took = time.perf_counter() - start
     table = trial_table(results, space, max_epochs(to_dict(load_config(TrainConfig, run.path / "config.yaml")), space))
     return table, took

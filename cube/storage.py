@@ -12,11 +12,13 @@ shared storage mounted at the same path everywhere (NFS, EFS, a ReadWriteMany vo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from cube.cache import cache_dir
 
@@ -86,6 +88,16 @@ class Storage:
         copy = Path(tempfile.mkdtemp(prefix=f"{self.local.name}-", dir=self.local.parent))
         _copy_tree(*_filesystem(self.target), _local_fs(), str(copy.resolve()), skip=(LOG,))
         return copy
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Path]:
+        """`snapshot()` for the length of a `with` block; a URI's copy is removed after it."""
+        path = self.snapshot()
+        try:
+            yield path
+        finally:
+            if self.remote:
+                shutil.rmtree(path, ignore_errors=True)
 
     def push(self) -> None:
         """Copy the local folder to the target (nothing to do for a plain path)."""

@@ -35,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    run = RunDir(Storage.of(args.run).snapshot())
-    run.require("model", "split.parquet", "teacher.json")
-    teacher, _ = run.teacher()
-    model, _ = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
-    result = analyse(model, run.data().held_out("test"), damage_trials=args.damage_trials)
+    with Storage.of(args.run).reading() as path:
+        run = RunDir(path)
+        run.require("model", "split.parquet", "teacher.json")
+        teacher, _ = run.teacher()
+        model, _ = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
+        held_out = run.data().held_out("test")
+    result = analyse(model, held_out, damage_trials=args.damage_trials)
     store = Storage.of(args.output or f"{args.run.rstrip('/')}/analysis")
     store.reset()
     path = write_report(result, store.local, args.run)

@@ -152,10 +152,10 @@ def check_room_for_listing(opts: PipelineOptions) -> None:
     Raises:
         ValueError: naming the settings to change.
     """
-    actor = {"CPU": opts.cpus_per_actor, "GPU": opts.num_gpus}
-    if not fits([actor] * opts.concurrency + [{"CPU": 1.0}], node_resources()):
+    actor, nodes = {"CPU": opts.cpus_per_actor, "GPU": opts.num_gpus}, node_resources()
+    if not fits([actor] * opts.concurrency + [{"CPU": 1.0}], nodes):
         raise ValueError(f"{opts.concurrency} teacher actors x {opts.cpus_per_actor:g} CPU leave no node with the one "
-                         f"free CPU that Ray Data needs to list a Parquet file ({describe_nodes(node_resources())}); "
+                         f"free CPU that Ray Data needs to list a Parquet file ({describe_nodes(nodes)}); "
                          "lower pipeline.concurrency or pipeline.cpus_per_actor")
 
 

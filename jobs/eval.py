@@ -51,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    path = Storage.of(args.run).snapshot()
-    if args.data is None:
-        report = evaluate_run(path)
-    else:
-        run = RunDir(path)
-        run.require("model")
-        report = evaluate_run(path, held_out_file(run, args.data), source=f"{args.data} (all rows)")
+    with Storage.of(args.run).reading() as path:
+        if args.data is None:
+            report = evaluate_run(path)
+        else:
+            run = RunDir(path)
+            run.require("model")
+            report = evaluate_run(path, held_out_file(run, args.data), source=f"{args.data} (all rows)")
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -29,6 +29,7 @@ from cube.job_config import TrainConfig, TuneConfig
 from cube.metrics import HeldOut, Split
 from cube.rundir import RunDir, write_json
 from cube.search_space import Param, trial_config
+from cube.storage import Storage
 from cube.training import EpochEnd, build_model, fit
 from jobs.common import node_resources, require_resources
 
@@ -75,7 +76,7 @@ def train_driver_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_di
     for name in ("teacher.json", "split.parquet"):
         if not (trial / name).exists():
             (trial / name).symlink_to(Path(sweep_dir, name).resolve())
-    trainer_for(RunDir(trial), cfg, str((trial / "ray").resolve()), callbacks=[TuneReportCallback()]).fit()
+    trainer_for(RunDir(trial), cfg, Storage.of(trial).ray_storage(), callbacks=[TuneReportCallback()]).fit()
 
 
 # ---------------------------------------------------------------- the Tuner

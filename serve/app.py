@@ -21,6 +21,7 @@ from ray import serve
 from cube.config import to_dict
 from cube.rundir import RunDir
 from cube.storage import Storage, is_uri
+from cube.teacher import TeacherConfig
 from serve.bank import prepare_extra_answers
 from serve.embedder import TeacherEmbedder
 from serve.generator import Generator
@@ -42,11 +43,10 @@ def _live(s: DeploymentSettings) -> dict[str, Any]:
     return {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
 
 
-def compose(run: RunDir, target: str, cfg: ServeConfig, answers: str | None = None,
+def compose(teacher: TeacherConfig, target: str, cfg: ServeConfig, answers: str | None = None,
             store_folder: str | None = None) -> serve.Application:
-    """Bind the four deployments for a checked run (read from `target`, its path or URI, by each
-    predictor replica on its own node) with settings `cfg`."""
-    teacher, _ = run.teacher()
+    """Bind the four deployments for a checked run of `teacher` (read from `target`, its path or
+    URI, by each predictor replica on its own node) with settings `cfg`."""
     # Old replicas finish their requests during a redeploy (a swap to another run) before they go.
     drain = {"graceful_shutdown_timeout_s": cfg.limits.request_timeout_s + 5}
     embedder = TeacherEmbedder.options(**cfg.embedder.options(), **drain, user_config=_live(cfg.embedder)).bind(
@@ -74,13 +74,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if not args.get("run_dir"):
         raise ValueError("pass run_dir=RUN_DIR (a folder written by `cube train`)")
     target = str(args["run_dir"]) if is_uri(args["run_dir"]) else str(Path(args["run_dir"]).expanduser().resolve())
-    run = RunDir(Storage.of(target).snapshot())
-    run.require("model", "split.parquet", "teacher.json")
+    with Storage.of(target).reading() as path:
+        run = RunDir(path)
+        run.require("model", "split.parquet", "teacher.json")
+        teacher, _ = run.teacher()
     settings = args.get("settings") or {}
     if not isinstance(settings, dict):
         raise ValueError(f"settings must be a mapping of sections, got {settings!r}")
     cfg = load_settings(args.get("config"), settings)
     answers = str(Path(args["answers"]).expanduser().resolve()) if args.get("answers") else None
-    store_folder = prepare_extra_answers(answers, run.teacher()[0]) if answers else None
-    log.info("serving %s (teacher %s)%s", target, run.teacher()[0].name, f" with extra answers {answers}" if answers else "")
-    return compose(run, target, cfg, answers, store_folder)
+    store_folder = prepare_extra_answers(answers, teacher) if answers else None
+    log.info("serving %s (teacher %s)%s", target, teacher.name, f" with extra answers {answers}" if answers else "")
+    return compose(teacher, target, cfg, answers, store_folder)

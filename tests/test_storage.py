@@ -46,6 +46,9 @@ def test_a_uri_is_staged_and_copied_both_ways(tmp_path):
 
     snap = again.snapshot()
     assert snap != again.local and (snap / "model" / "weights.bin").read_bytes() == b"\x00\x01"
+    with again.reading() as copy:
+        assert copy not in (snap, again.local) and (copy / "config.yaml").read_text() == "a: 1\n"
+    assert not copy.exists()  # a reading copy goes when the block ends
 
 
 def test_a_uri_no_filesystem_opens_is_a_clear_error():
