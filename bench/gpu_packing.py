@@ -42,7 +42,7 @@ def train(rank: int, args: argparse.Namespace, barrier, results) -> None:
         optim = replace(OptimConfig(epochs=1), **{k: v for k, v in (("batch_size", args.batch), ("precision", args.precision)) if v})
         torch.manual_seed(rank)
         model = CellularCube(cfg, EMBED).to(args.device)
-        step = GraphedCubeStep(model, LossConfig(), optim, optim.batch_size, 10**6, capture=cuda)
+        step = GraphedCubeStep(model, LossConfig(), optim, optim.batch_size, 10**6, kernel=args.kernel, capture=cuda)
         data = [(torch.randn(optim.batch_size, EMBED, device=args.device),
                  torch.randn(optim.batch_size, EMBED, device=args.device)) for _ in range(4)]
         for i in range(3):  # capture and settle
@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="timed window per N")
     p.add_argument("--batch", type=int, default=None, help="per-process batch (default: OptimConfig's)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: OptimConfig's")
+    p.add_argument("--kernel", default="conv3d", choices=["conv3d", "conv2d", "im2col"], help="the lattice conv (cube.model.KERNELS)")
     p.add_argument("--tiny", action="store_true", help="a 5×5×4 cube (smoke test)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -39,7 +39,7 @@ import torch
 from bench.cube_flops import matmul_rate, step_flops
 from cube.graph_step import GraphedCubeStep, fast_backends
 from cube.losses import LossConfig
-from cube.model import CellularCube, CubeConfig
+from cube.model import KERNELS, CellularCube, CubeConfig
 from cube.training import OptimConfig, make_optimizer, train_epoch
 
 EMBED = 576
@@ -52,12 +52,17 @@ class Row:
     name: str
     kind: str  # eager | graphed | compiled | jax
     precision: str  # fp32 | bf16
+    kernel: str = "conv3d"  # the lattice conv (cube.model.KERNELS); the JAX peer always runs its conv3d
 
 
-ROWS = [Row("eager fp32", "eager", "fp32"), Row("eager bf16", "eager", "bf16"),
-        Row("graphed fp32", "graphed", "fp32"), Row("graphed bf16", "graphed", "bf16"),
-        Row("graphed+compile fp32", "compiled", "fp32"), Row("graphed+compile bf16", "compiled", "bf16"),
-        Row("jax fp32", "jax", "fp32"), Row("jax bf16 convs", "jax", "bf16")]
+def _project_rows() -> list[Row]:
+    rows = [Row(f"eager {p}", "eager", p) for p in ("fp32", "bf16")]
+    for kind, label in (("graphed", "graphed"), ("compiled", "graphed+compile")):
+        rows += [Row(f"{label} {k} {p}", kind, p, k) for k in KERNELS for p in ("fp32", "bf16")]
+    return rows
+
+
+ROWS = _project_rows() + [Row("jax fp32", "jax", "fp32"), Row("jax bf16 convs", "jax", "bf16")]
 
 
 @dataclass
@@ -106,8 +111,8 @@ class Bench:
                 train_epoch(model, itertools.islice(itertools.cycle(data), n), opt, sched, LossConfig(), optim)
             return run
         if row.kind in ("graphed", "compiled"):
-            step = GraphedCubeStep(self.model(), LossConfig(), optim, batch, LONG_RUN, capture=self.device == "cuda",
-                                   compile_step=row.kind == "compiled")
+            step = GraphedCubeStep(self.model(), LossConfig(), optim, batch, LONG_RUN, kernel=row.kernel,
+                                   capture=self.device == "cuda", compile_step=row.kind == "compiled")
             counter = itertools.count()
 
             def run(n: int) -> None:
@@ -213,6 +218,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS], metavar="ROW",
                    help=f"rows to run, of: {', '.join(repr(r.name) for r in ROWS)}")
+    p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS, help="lattice conv kernels to run")
     p.add_argument("--no-compile", action="store_true", help="leave out the graphed+compile rows")
     p.add_argument("--no-jax", action="store_true", help="leave out the JAX rows")
     p.add_argument("--jitter", action="store_true", help="train with the default step jitter (T = 12..16)")
@@ -224,8 +230,11 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA GPU here; use --device cpu for a smoke test")
     t0 = time.perf_counter()
+    # Every compiled row compiles the one lattice_step function anew (new model, shape, dtype);
+    # dynamo's default limit of 8 versions per function would stop the table part-way.
+    torch._dynamo.config.recompile_limit = 64
     cfg = replace(TINY if args.tiny else CubeConfig(), **({} if args.jitter else {"steps_jitter": 0}))
-    rows = [r for r in ROWS if r.name in args.rows and not (args.no_compile and r.kind == "compiled")
+    rows = [r for r in ROWS if r.name in args.rows and (r.kind == "jax" or r.kernel in args.kernels) and not (args.no_compile and r.kind == "compiled")
             and not (args.no_jax and r.kind == "jax") and not (args.device == "cpu" and r.kind == "compiled")]
     bench = Bench(args.device, cfg, tf32=not args.no_tf32)
     bench.set_flags(Row("", "graphed", "fp32"))  # the matmul peaks at the fast path's precision

@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from cube.losses import LossConfig, cube_loss
-from cube.model import CellularCube, CubeOutput
+from cube.model import CellularCube, CubeOutput, LatticeKernel
 from cube.training import OptimConfig, make_optimizer, peak_lr
 
 TERMS = ("total", "dialogue", "surface", "internal", "grad_norm")
@@ -88,14 +88,15 @@ class GraphedCubeStep:
 
     `model` is trained in place (and, with `channels_last`, its conv weights are converted to
     channels_last_3d, as the lattice state is). `steps_per_epoch` and `world_size` set the LR
-    schedule exactly as `make_optimizer` does. `compile_step` also fuses each lattice step
-    with torch.compile (needs Triton on CUDA). `capture=False` runs the same step eagerly.
+    schedule exactly as `make_optimizer` does. `kernel` picks how the lattice conv is computed
+    (`CellularCube.use_kernel`; None keeps the model's). `compile_step` also fuses each lattice
+    step with torch.compile (needs Triton on CUDA). `capture=False` runs the same step eagerly.
     """
 
     def __init__(
         self, model: CellularCube, loss_cfg: LossConfig, optim_cfg: OptimConfig, batch_size: int,
-        steps_per_epoch: int, world_size: int = 1, *, capture: bool = True, compile_step: bool = False,
-        channels_last: bool = True, warmup_iters: int = 2,
+        steps_per_epoch: int, world_size: int = 1, *, kernel: LatticeKernel | None = None, capture: bool = True,
+        compile_step: bool = False, channels_last: bool = True, warmup_iters: int = 2,
     ) -> None:
         if not isinstance(model, CellularCube):
             raise TypeError(f"GraphedCubeStep needs a bare CellularCube (no DDP wrapper), got {type(model).__name__}")
@@ -110,6 +111,8 @@ class GraphedCubeStep:
             raise ValueError(f"batch_size must be >= 2 (InfoNCE needs negatives), got {batch_size}")
         self.model, self.loss_cfg, self.optim_cfg = model.train(), loss_cfg, optim_cfg
         self.capture, self.warmup_iters = capture, warmup_iters
+        if kernel is not None:
+            model.use_kernel(kernel)
         if channels_last:
             model.to(memory_format=torch.channels_last_3d)
         self._params = [p for p in model.parameters() if p.requires_grad]

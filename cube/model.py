@@ -12,6 +12,7 @@ buffers (and so in the checkpoint), because raw LLM states are dominated by thei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 from typing import Literal, NamedTuple
 
 import torch
@@ -70,6 +71,16 @@ class CubeOutput(NamedTuple):
     last_update: torch.Tensor  # (B, C, D, H, W) the final step's dx (after the fire mask)
 
 
+# How the rule's 3×3×3 conv is computed; all three give the same numbers up to rounding.
+# "conv3d" is cuDNN/oneDNN's conv3d (the CPU's best). The others work on the channels-last
+# cells (B, D, H, W, C) and run the per-cell update as a matmul: "conv2d" folds the three depth
+# taps into channels and runs a 3×3 conv2d over (H, W) with 3C inputs (the GPU's convolution
+# kernels are tuned for conv2d, not for a conv3d with 8 input channels); "im2col" gathers all
+# 27 taps (27C values per cell) and runs one matmul, which torch.compile fuses with the gather.
+LatticeKernel = Literal["conv3d", "conv2d", "im2col"]
+KERNELS: tuple[str, ...] = ("conv3d", "conv2d", "im2col")
+
+
 def _identity_kernel() -> torch.Tensor:
     k = torch.zeros(1, 3, 3, 3)
     k[0, 1, 1, 1] = 1.0
@@ -120,12 +131,46 @@ class UpdateRule(nn.Module):
                 self.perceive.weight[h + channel, channel, 0, 1, 1] = 1.0
                 self.perceive.weight[h + channel, channel, 1, 1, 1] = -1.0
 
+    kernel: LatticeKernel = "conv3d"  # set through CellularCube.use_kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "conv3d":
+            return self._cells_forward(x)
         if self.cfg.perception == "sobel":
             x = F.conv3d(x, self.sobel, padding=1, groups=self.cfg.channels)  # (B, 4C, D, H, W)
         h = self.perceive(x)  # (B, hidden + C, D, H, W)
         hidden, linear = h[:, : self.cfg.hidden], h[:, self.cfg.hidden :]
         return self.update(F.relu(hidden)) + linear  # (B, C, D, H, W)
+
+    def _cells_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` on the cells (B, D, H, W, C), a view of a channels-last state: the
+        perception by `self.kernel`, the per-cell MLP as matmuls."""
+        c = self.cfg
+        cells = x.permute(0, 2, 3, 4, 1)
+        if torch.is_autocast_enabled(x.device.type):  # cast the 8-channel cells, not the 3C or 27C copies of them
+            cells = cells.to(torch.get_autocast_dtype(x.device.type))
+        h = self._perceive_conv2d(cells) if self.kernel == "conv2d" else self._perceive_im2col(cells)
+        hidden, linear = h[..., : c.hidden], h[..., c.hidden :]
+        dx = F.linear(F.relu(hidden), self.update.weight.view(c.channels, c.hidden), self.update.bias) + linear
+        return dx.permute(0, 4, 1, 2, 3)  # (B, C, D, H, W), channels-last memory
+
+    def _perceive_conv2d(self, cells: torch.Tensor) -> torch.Tensor:
+        """Depth taps stacked into channels (B·D images of 3C channels), then a 3×3 conv2d."""
+        b, d, h, w, c = cells.shape
+        padded = F.pad(cells, (0, 0, 0, 0, 0, 0, 1, 1))  # a zero layer in front of and behind the depth
+        stacked = torch.cat([padded[:, i : i + d] for i in range(3)], dim=-1)  # (B, D, H, W, 3C), tap-major
+        images = stacked.view(b * d, h, w, 3 * c).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
+        weight = self.perceive.weight.permute(0, 2, 1, 3, 4).reshape(-1, 3 * c, 3, 3)  # (O, kd·C + c, kh, kw)
+        out = F.conv2d(images, weight.contiguous(memory_format=torch.channels_last), self.perceive.bias, padding=1)
+        return out.permute(0, 2, 3, 1).reshape(b, d, h, w, -1)
+
+    def _perceive_im2col(self, cells: torch.Tensor) -> torch.Tensor:
+        """All 27 taps side by side (B, D, H, W, 27C), then one matmul."""
+        b, d, h, w, c = cells.shape
+        padded = F.pad(cells, (0, 0, 1, 1, 1, 1, 1, 1))
+        patches = torch.cat([padded[:, i : i + d, j : j + h, k : k + w] for i, j, k in product(range(3), repeat=3)], dim=-1)
+        weight = self.perceive.weight.permute(0, 2, 3, 4, 1).reshape(-1, 27 * c)  # (O, tap·C + c)
+        return F.linear(patches, weight, self.perceive.bias)
 
 
 class CellularCube(nn.Module):
@@ -146,6 +191,16 @@ class CellularCube(nn.Module):
         # Centring statistics from the training split; set by `set_centering`, saved with the weights.
         self.register_buffer("q_mean", torch.zeros(embed_dim))
         self.register_buffer("a_mean", torch.zeros(embed_dim))
+
+    def use_kernel(self, kernel: LatticeKernel) -> "CellularCube":
+        """Compute the lattice's conv with `kernel` (see KERNELS); the weights are unchanged."""
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel != "conv3d" and self.cfg.perception != "learned":
+            raise ValueError(f"kernel={kernel!r} computes the learned 3x3x3 perception; perception="
+                             f"{self.cfg.perception!r} runs only with kernel='conv3d'")
+        self.rule.kernel = kernel
+        return self
 
     @torch.no_grad()
     def set_centering(self, q_mean: torch.Tensor, a_mean: torch.Tensor) -> None:
@@ -188,11 +243,9 @@ class CellularCube(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hold the question on the front face, then the rule's update scaled by `fire`.
         Returns (clamped state, dx); `step` adds them, `run_lattice` may edit dx first."""
-        x = x * keep + inject  # persistent injection: the front face holds the question
+        x = torch.addcmul(inject, x, keep)  # x·keep + inject: the front face holds the question
         dx = self.rule(x)
-        if isinstance(fire, torch.Tensor):
-            dx = dx * fire.to(dx.dtype)
-        elif fire is not None:
+        if fire is not None:  # a bool mask multiplies without a cast of its own
             dx = dx * fire
         return x, dx
 

@@ -77,10 +77,12 @@ def twin_models(cfg: CubeConfig, dim: int) -> tuple[CellularCube, CellularCube]:
     return tuple(m.cuda().to(memory_format=torch.channels_last_3d) for m in (model, twin))
 
 
-@pytest.mark.parametrize("compile_step", [False, True])
-def test_graphed_step_matches_eager_fp32(strict_fp32, compile_step):
+@pytest.mark.parametrize("kernel, compile_step", [
+    ("conv3d", False), ("conv3d", True), ("conv2d", False), ("conv2d", True), ("im2col", False), ("im2col", True)])
+def test_graphed_step_matches_eager_fp32(strict_fp32, kernel, compile_step):
     """Default cube with step jitter (five graphs, replayed in random order), fire_rate 1:
-    same losses, gradient norms and weights as train_epoch, step by step."""
+    same losses, gradient norms and weights as train_epoch (conv3d, eager), step by step,
+    whichever lattice kernel the graphed step computes the conv with."""
     from cube.graph_step import GraphedCubeStep
 
     cfg = CubeConfig(fire_rate=1.0)
@@ -88,7 +90,8 @@ def test_graphed_step_matches_eager_fp32(strict_fp32, compile_step):
     data = list(batches(6, 64, "cuda"))
     eager, fast_model = twin_models(cfg, 64)
     opt, sched = make_optimizer(eager, optim, steps_per_epoch=len(data))
-    fast = GraphedCubeStep(fast_model, LossConfig(), optim, 32, steps_per_epoch=len(data), compile_step=compile_step)
+    fast = GraphedCubeStep(fast_model, LossConfig(), optim, 32, steps_per_epoch=len(data), kernel=kernel,
+                           compile_step=compile_step)
     torch.manual_seed(1)  # the step counts come from the CPU generator in both
     want = [train_epoch(eager, [b], opt, sched, LossConfig(), optim) for b in data]
     torch.manual_seed(1)
@@ -105,13 +108,14 @@ def test_graphed_step_matches_eager_fp32(strict_fp32, compile_step):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=atol)
 
 
-def test_graphed_step_bf16_trains():
+@pytest.mark.parametrize("kernel", ["conv3d", "conv2d", "im2col"])
+def test_graphed_step_bf16_trains(kernel):
     from cube.graph_step import GraphedCubeStep
 
     torch.manual_seed(0)
     model = CellularCube(CubeConfig(), 64).cuda()  # default cube: fire 0.75, jitter 4
     optim = OptimConfig(epochs=1, lr=3e-3, precision="bf16")
-    fast = GraphedCubeStep(model, LossConfig(), optim, 32, steps_per_epoch=40)
+    fast = GraphedCubeStep(model, LossConfig(), optim, 32, steps_per_epoch=40, kernel=kernel)
     data = list(batches(5, 64, "cuda"))
     losses = torch.stack([fast.step(*data[i % 5]) for i in range(40)]).cpu()
     assert torch.isfinite(losses).all()

@@ -161,6 +161,24 @@ def test_uncaptured_step_follows_train_epoch(precision, fire_rate):
         torch.testing.assert_close(p, q, **tol)
 
 
+@pytest.mark.parametrize("kernel", ["conv2d", "im2col"])
+def test_uncaptured_step_with_another_kernel_follows_train_epoch(kernel):
+    """The GPU's conv formulations train as the conv3d step does (fp32 rounding apart)."""
+    optim = OptimConfig(epochs=1, lr=3e-3, warmup_fraction=0.4)
+    data = batches(4)
+    eager, fast_model = tiny_model(), tiny_model()
+    opt, sched = make_optimizer(eager, optim, steps_per_epoch=len(data))
+    fast = GraphedCubeStep(fast_model, LossConfig(), optim, B, steps_per_epoch=len(data), kernel=kernel, capture=False)
+    assert fast_model.rule.kernel == kernel and eager.rule.kernel == "conv3d"
+    torch.manual_seed(3)
+    want = [train_epoch(eager, [batch], opt, sched, LossConfig(), optim) for batch in data]
+    torch.manual_seed(3)
+    got = torch.stack([fast.step(*batch) for batch in data])
+    torch.testing.assert_close(got, torch.tensor([w["loss/total"] for w in want]), rtol=1e-5, atol=1e-6)
+    for p, q in zip(fast_model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
 def test_run_epoch_reports_like_train_epoch():
     optim = OptimConfig(epochs=1)
     data = batches(3)

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from cube.model import CellularCube, CubeConfig, count_parameters
+from cube.model import KERNELS, CellularCube, CubeConfig, count_parameters
 
 SMALL = CubeConfig(width=6, height=5, depth=4, channels=6, hidden=8, io_channels=2, steps=4)
 
@@ -95,6 +95,41 @@ def test_sobel_perception_runs_without_transport():
                      perception="sobel", transport_init=False)
     out = CellularCube(cfg, embed_dim=8)(torch.randn(2, 8))
     assert out.pred.shape == (2, 8)
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "conv3d"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_lattice_kernels_compute_the_same_rule(kernel, channels_last):
+    """The GPU's conv formulations are the conv3d rule: outputs and every gradient agree to
+    float64 rounding, on a trained-looking rule and an asymmetric cube."""
+    torch.manual_seed(0)
+    model = CellularCube(SMALL, embed_dim=8).double()
+    with torch.no_grad():
+        for p in model.rule.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(3, SMALL.channels, SMALL.depth, SMALL.height, SMALL.width, dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn_like(x)
+
+    def run(k: str):
+        model.use_kernel(k).zero_grad()
+        xi = x.clone().requires_grad_()
+        y = model.rule(xi)
+        (y * weight).sum().backward()
+        return [y.detach(), xi.grad] + [p.grad.clone() for p in model.rule.parameters()]
+
+    for got, want in zip(run(kernel), run("conv3d")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert run(kernel)[0].is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_lattice_kernel_refusals():
+    with pytest.raises(ValueError, match="one of"):
+        CellularCube(SMALL, embed_dim=8).use_kernel("winograd")
+    sobel = CellularCube(dataclasses.replace(SMALL, perception="sobel", transport_init=False), embed_dim=8)
+    with pytest.raises(ValueError, match="only with kernel='conv3d'"):
+        sobel.use_kernel("conv2d")
 
 
 def test_steps_jitter_varies_training_steps_only():
