@@ -2,13 +2,13 @@
 # One script for a lent GPU machine (no Ray, no project venv there; its python has torch, JAX,
 # optax, pandas, pyarrow). Stages, each with a hard timeout, in order of value:
 #   1. arch sweep: cube variants vs baselines on the split.parquet files in $ARCH_SPLITS (if set)
-#   2. the training-step table against JAX, graphed, every lattice kernel (TABLE_S, 170 s)
+#   2. the training-step table against JAX: eager, graphed conv3d and conv2d (TABLE_S, 180 s)
 #   3. the GPU tests (CUDA parity of the graphed step; TESTS_S, 150 s), the JAX peer's check beside them
-#   4. a profile of the eager step per kernel (where the GPU time goes; about 40 s)
-#   5. the table again with torch.compile'd lattice steps (COMPILE_S, 170 s)
-#   6. packing N processes on one GPU, if PACK_KERNEL names a kernel (90 s)
-#   OUT=/tmp/out ARCH_SPLITS=".gpu/a/split.parquet .gpu/b/split.parquet" bash bench/gpu_check.sh
-# At most 8 files land in $OUT. Budget: about 560 s, plus ARCH_S (default 200) with ARCH_SPLITS.
+#   4. if PROFILE lists kernel:precision pairs, a profile of each eager step (40 s each)
+#   5. the table with torch.compile'd lattice steps, conv2d and im2col (COMPILE_S, 170 s)
+#   6. packing N processes on one GPU, if PACK_KERNEL names a kernel (80 s)
+#   OUT=/tmp/out PACK_KERNEL=conv2d bash bench/gpu_check.sh
+# At most 8 files land in $OUT. Budget: about 590 s, plus ARCH_S (default 200) with ARCH_SPLITS.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -39,9 +39,9 @@ JAX_PLATFORMS=cpu timeout -k 5 120 "$PY" -m bench.jax_cube --check >>"$OUT/env.t
 CHECK=$!
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-    stage "training step vs JAX: graphed, every lattice kernel"
-    timeout -k 5 "${TABLE_S:-170}" "$PY" -m bench.gpu_step --no-compile --budget 1.5 --rounds 2 --deadline $((${TABLE_S:-170} - 60)) \
-        --json "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.txt"
+    stage "training step vs JAX: eager and graphed"
+    timeout -k 5 "${TABLE_S:-180}" "$PY" -m bench.gpu_step --no-compile --budget 1.5 --rounds 1 --deadline $((${TABLE_S:-180} - 70)) \
+        --kernels conv3d conv2d --json "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.txt"
 fi
 
 stage tests
@@ -50,20 +50,21 @@ timeout -k 5 "${TESTS_S:-150}" "$PY" -m pytest -q -p no:cacheprovider -o filterw
 wait $CHECK; echo "jax check exit $?" >>"$OUT/env.txt"; tail -3 "$OUT/env.txt"
 [ "${SKIP_BENCH:-0}" = 1 ] && { stage done; exit 0; }
 
-stage "where the GPU time goes (eager step, batch 1024)"
-for spec in "conv3d fp32" "conv2d fp32" "conv2d bf16" "im2col fp32"; do
-    set -- $spec
-    timeout -k 5 40 "$PY" -m bench.gpu_profile --batch 1024 --kernel "$1" --precision "$2" --top 10 2>&1 | grep -v "^USDT\|^STAGE:" 
-done | tee "$OUT/profile.txt"
+if [ -n "${PROFILE:-}" ]; then
+    stage "where the GPU time goes (eager step, batch 1024)"
+    for spec in $PROFILE; do  # e.g. PROFILE="conv3d:fp32 conv2d:bf16"
+        timeout -k 5 40 "$PY" -m bench.gpu_profile --batch 1024 --kernel "${spec%%:*}" --precision "${spec##*:}" --top 10 2>&1 | grep -v "^USDT\|^STAGE:"
+    done | tee "$OUT/profile.txt"
+fi
 
 stage "training step vs JAX: graphed + torch.compile"
-timeout -k 5 "${COMPILE_S:-170}" "$PY" -m bench.gpu_step --batches 32 1024 256 --budget 1.5 --rounds 2 --deadline $((${COMPILE_S:-170} - 60)) \
+timeout -k 5 "${COMPILE_S:-170}" "$PY" -m bench.gpu_step --batches 1024 256 32 --budget 1.5 --rounds 1 --deadline $((${COMPILE_S:-170} - 60)) \
     --kernels ${COMPILE_KERNELS:-conv2d im2col} --rows "graphed conv2d fp32" "graphed conv2d bf16" \
     "graphed+compile conv2d fp32" "graphed+compile conv2d bf16" "graphed+compile im2col fp32" "graphed+compile im2col bf16" \
     "jax fp32" "jax bf16 convs" --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.txt"
 
 if [ -n "${PACK_KERNEL:-}" ]; then
     stage packing
-    timeout -k 5 90 "$PY" -m bench.gpu_packing --seconds 5 --kernel "$PACK_KERNEL" 2>&1 | tee "$OUT/packing.txt"
+    timeout -k 5 80 "$PY" -m bench.gpu_packing --seconds 4 --kernel "$PACK_KERNEL" 2>&1 | tee "$OUT/packing.txt"
 fi
 stage done

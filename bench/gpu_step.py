@@ -12,7 +12,8 @@ per T, the graphed step captures one graph per T; both pick T the same way with 
 Each cell is samples/s and, in brackets, counted FLOP/s (bench.cube_flops.step_flops) over a
 square matmul's rate measured in the same run: the TF32 (or strict fp32) matmul for fp32 rows,
 bf16 for bf16 rows. Rows of one batch size run in interleaved rounds of --budget/--rounds
-seconds each, after warm-up (capture, compilation), and the best round counts.
+seconds each, after warm-up (capture, compilation), and the best round counts; each round
+builds every row's step anew, one row at a time (their memory pools would not fit together).
 
 Backend flags, per row: "eager" is the project's step as it runs today (torch defaults:
 cuDNN heuristics, TF32 convs, fp32 matmuls); "graphed" rows use cube.graph_step.fast_backends
@@ -154,32 +155,37 @@ def timed(run: Callable[[int], None], budget: float, step_s: float) -> float:
 
 
 def measure_column(bench: Bench, rows: list[Row], batch: int, budget: float, rounds: int) -> dict[str, float | str]:
-    """Samples/s per row at one batch size (best of interleaved rounds), or the error text."""
-    runners, step_s, result = {}, {}, {}
-    for row in rows:
-        bench.set_flags(row)
-        try:
-            run = bench.runner(row, batch)
-            run(2)  # capture / compile / autotune
-            start = time.perf_counter()
-            run(2)
-            step_s[row.name] = (time.perf_counter() - start) / 2
-            runners[row.name] = run
-        except Exception as e:  # reported in the table, never dropped
-            result[row.name] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            print(f"  batch {batch} {row.name}: {result[row.name]}", flush=True)
+    """Samples/s per row at one batch size (best of `rounds` passes over the rows), or the error
+    text. One row's step lives at a time: at batch 1024 a graphed step's memory pool holds
+    12 steps of activations (GiBs), and several of them alive at once ran the card out of memory
+    during a capture, which also broke every later capture in the process."""
     best: dict[str, float] = {}
+    failed: dict[str, str] = {}
     for _ in range(rounds):
         for row in rows:
-            if row.name in runners:
-                bench.set_flags(row)
-                rate = timed(runners[row.name], budget / rounds, step_s[row.name]) * batch
+            if row.name in failed:
+                continue
+            bench.set_flags(row)
+            if bench.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                run = bench.runner(row, batch)
+                run(2)  # capture / compile / autotune
+                start = time.perf_counter()
+                run(2)
+                rate = timed(run, budget / rounds, (time.perf_counter() - start) / 2) * batch
                 best[row.name] = max(best.get(row.name, 0.0), rate)
-    runners.clear()
-    gc.collect()
-    if bench.device == "cuda":
-        torch.cuda.empty_cache()
-    return {**best, **result}
+                memory = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated" if bench.device == "cuda" else ""
+                print(f"  batch {batch} {row.name}: {rate:,.0f} samples/s{memory}", flush=True)
+            except Exception as e:  # reported in the table, never dropped
+                failed[row.name] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                print(f"  batch {batch} {row.name}: {failed[row.name]}", flush=True)
+            finally:
+                run = None
+                gc.collect()
+                if bench.device == "cuda":
+                    torch.cuda.empty_cache()
+    return {**best, **failed}
 
 
 def mean_flops(cfg: CubeConfig, batch: int, jitter: bool) -> float:

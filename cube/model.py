@@ -81,6 +81,31 @@ LatticeKernel = Literal["conv3d", "conv2d", "im2col"]
 KERNELS: tuple[str, ...] = ("conv3d", "conv2d", "im2col")
 
 
+class _DepthTaps(torch.autograd.Function):
+    """Cells (B, D, H, W, C) → (B, D, H, W, 3C): each cell's channels after those of the cell in
+    front of it and before those of the cell behind it (zeros past the ends). Written by hand
+    because autograd's pad + slices + cat spends its backward zero-filling padded copies."""
+
+    @staticmethod
+    def forward(ctx, cells: torch.Tensor) -> torch.Tensor:
+        b, d, h, w, c = cells.shape
+        out = cells.new_empty(b, d, h, w, 3 * c)
+        out[:, :1, ..., :c] = 0
+        out[:, 1:, ..., :c] = cells[:, :-1]
+        out[..., c : 2 * c] = cells
+        out[:, :-1, ..., 2 * c :] = cells[:, 1:]
+        out[:, -1:, ..., 2 * c :] = 0
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        c = grad.shape[-1] // 3
+        cells = grad[..., c : 2 * c].contiguous()
+        cells[:, :-1] += grad[:, 1:, ..., :c]
+        cells[:, 1:] += grad[:, :-1, ..., 2 * c :]
+        return cells
+
+
 def _identity_kernel() -> torch.Tensor:
     k = torch.zeros(1, 3, 3, 3)
     k[0, 1, 1, 1] = 1.0
@@ -139,7 +164,7 @@ class UpdateRule(nn.Module):
         if self.cfg.perception == "sobel":
             x = F.conv3d(x, self.sobel, padding=1, groups=self.cfg.channels)  # (B, 4C, D, H, W)
         h = self.perceive(x)  # (B, hidden + C, D, H, W)
-        hidden, linear = h[:, : self.cfg.hidden], h[:, self.cfg.hidden :]
+        hidden, linear = h.split((self.cfg.hidden, h.shape[1] - self.cfg.hidden), dim=1)  # backward: one cat, not two zero-filled copies
         return self.update(F.relu(hidden)) + linear  # (B, C, D, H, W)
 
     def _cells_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,15 +175,14 @@ class UpdateRule(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # cast the 8-channel cells, not the 3C or 27C copies of them
             cells = cells.to(torch.get_autocast_dtype(x.device.type))
         h = self._perceive_conv2d(cells) if self.kernel == "conv2d" else self._perceive_im2col(cells)
-        hidden, linear = h[..., : c.hidden], h[..., c.hidden :]
+        hidden, linear = h.split((c.hidden, c.channels), dim=-1)
         dx = F.linear(F.relu(hidden), self.update.weight.view(c.channels, c.hidden), self.update.bias) + linear
         return dx.permute(0, 4, 1, 2, 3)  # (B, C, D, H, W), channels-last memory
 
     def _perceive_conv2d(self, cells: torch.Tensor) -> torch.Tensor:
         """Depth taps stacked into channels (B·D images of 3C channels), then a 3×3 conv2d."""
         b, d, h, w, c = cells.shape
-        padded = F.pad(cells, (0, 0, 0, 0, 0, 0, 1, 1))  # a zero layer in front of and behind the depth
-        stacked = torch.cat([padded[:, i : i + d] for i in range(3)], dim=-1)  # (B, D, H, W, 3C), tap-major
+        stacked = _DepthTaps.apply(cells)  # (B, D, H, W, 3C), depth-tap-major
         images = stacked.view(b * d, h, w, 3 * c).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
         weight = self.perceive.weight.permute(0, 2, 1, 3, 4).reshape(-1, 3 * c, 3, 3)  # (O, kd·C + c, kh, kw)
         out = F.conv2d(images, weight.contiguous(memory_format=torch.channels_last), self.perceive.bias, padding=1)
