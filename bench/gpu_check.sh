@@ -2,11 +2,11 @@
 # One script for a lent GPU machine (no Ray, no project venv there; its python has torch, JAX,
 # optax, pandas, pyarrow). Stages, each with a hard timeout, in order of value:
 #   1. arch sweep: cube variants vs baselines on the split.parquet files in $ARCH_SPLITS (if set)
-#   2. the training-step table against JAX: eager, graphed conv3d and conv2d (TABLE_S, 180 s)
+#   2. the training-step table against JAX: eager, graphed conv3d and conv2d (TABLE_S, 180 s; 0 skips it)
 #   3. the GPU tests (CUDA parity of the graphed step; TESTS_S, 150 s), the JAX peer's check beside them
 #   4. if PROFILE lists kernel:precision pairs, a profile of each eager step (40 s each)
-#   5. the table with torch.compile'd lattice steps, conv2d and im2col (COMPILE_S, 170 s)
-#   6. packing N processes on one GPU, if PACK_KERNEL names a kernel (80 s)
+#   5. the table with torch.compile'd lattice steps (COMPILE_S, 170 s; COMPILE_KERNELS, COMPILE_BATCHES)
+#   6. packing N processes on one GPU, if PACK_KERNEL names a kernel (PACK_S, 80 s)
 #   OUT=/tmp/out PACK_KERNEL=conv2d bash bench/gpu_check.sh
 # At most 8 files land in $OUT. Budget: about 590 s, plus ARCH_S (default 200) with ARCH_SPLITS.
 set -uo pipefail
@@ -38,7 +38,7 @@ fi
 JAX_PLATFORMS=cpu timeout -k 5 120 "$PY" -m bench.jax_cube --check >>"$OUT/env.txt" 2>&1 &
 CHECK=$!
 
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${TABLE_S:-180}" -gt 0 ]; then
     stage "training step vs JAX: eager and graphed"
     timeout -k 5 "${TABLE_S:-180}" "$PY" -m bench.gpu_step --no-compile --budget 1.5 --rounds 1 --deadline $((${TABLE_S:-180} - 70)) \
         --kernels conv3d conv2d --json "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.txt"
@@ -58,13 +58,14 @@ if [ -n "${PROFILE:-}" ]; then
 fi
 
 stage "training step vs JAX: graphed + torch.compile"
-timeout -k 5 "${COMPILE_S:-170}" "$PY" -m bench.gpu_step --batches 1024 256 32 --budget 1.5 --rounds 1 --deadline $((${COMPILE_S:-170} - 60)) \
+timeout -k 5 "${COMPILE_S:-170}" "$PY" -m bench.gpu_step --batches ${COMPILE_BATCHES:-1024 256 32} --budget 1.5 --rounds 1 \
+    --deadline "${COMPILE_DEADLINE:-$((${COMPILE_S:-170} - 60))}" \
     --kernels ${COMPILE_KERNELS:-conv2d im2col} --rows "graphed conv2d fp32" "graphed conv2d bf16" \
     "graphed+compile conv2d fp32" "graphed+compile conv2d bf16" "graphed+compile im2col fp32" "graphed+compile im2col bf16" \
     "jax fp32" "jax bf16 convs" --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.txt"
 
 if [ -n "${PACK_KERNEL:-}" ]; then
     stage packing
-    timeout -k 5 80 "$PY" -m bench.gpu_packing --seconds 4 --kernel "$PACK_KERNEL" 2>&1 | tee "$OUT/packing.txt"
+    timeout -k 5 "${PACK_S:-80}" "$PY" -m bench.gpu_packing --seconds 4 --kernel "$PACK_KERNEL" 2>&1 | tee "$OUT/packing.txt"
 fi
 stage done

@@ -43,7 +43,7 @@ import torch
 
 from cube.losses import LossConfig, cube_loss
 from cube.model import CellularCube, CubeOutput, LatticeKernel
-from cube.training import OptimConfig, make_optimizer, peak_lr
+from cube.training import OptimConfig, make_optimizer, peak_lr, restore_training_state
 
 TERMS = ("total", "dialogue", "surface", "internal", "grad_norm")
 
@@ -134,6 +134,10 @@ class GraphedCubeStep:
     def _make_optimizer(self, steps_per_epoch: int, world_size: int) -> None:
         """AdamW with make_optimizer's hyperparameters and schedule, but a device-tensor LR."""
         reference, sched = make_optimizer(self.model, self.optim_cfg, steps_per_epoch, world_size)
+        # The schedule lives on an optimiser that never steps: LambdaLR writes a float rate into its
+        # optimiser's groups, which would cut the graphs off the rate tensor. It is kept (and stepped
+        # with every step) so that checkpoints hold the same scheduler state as train_epoch's.
+        self.scheduler = sched
         self._factor: Callable[[int], float] = sched.lr_lambdas[0]
         self._peak = peak_lr(self.optim_cfg, world_size)
         d = reference.defaults
@@ -203,6 +207,7 @@ class GraphedCubeStep:
         if q.shape != self._q.shape or a.shape != self._a.shape:
             raise ValueError(f"this step was built for batches of shape {tuple(self._q.shape)}, got {tuple(q.shape)} "
                              f"and {tuple(a.shape)}; drop the last partial batch (drop_last=True)")
+        self.model.train()  # scoring between epochs leaves it in eval mode (no fire mask, no jitter)
         self._q.copy_(q, non_blocking=True)
         self._a.copy_(a, non_blocking=True)
         steps = self._draw_steps()
@@ -215,8 +220,22 @@ class GraphedCubeStep:
             self._check_bound()
             self._graphs[steps].replay()
         self.steps_taken += 1
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": its optimiser never steps
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            self.scheduler.step()
         self._last = self._out.clone()
         return self._last[0]
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Continue from a checkpoint's training state (`cube.training.training_state`'s format,
+        from this step or from train_epoch's optimiser); only before the first step."""
+        if self._graphs:
+            raise RuntimeError("restore() must come before the first step: the graphs already read the old state")
+        restore_training_state(self.optimizer, self.scheduler, tensors, meta)
+        for group in self.optimizer.param_groups:  # load_state_dict wrote the saved float rate
+            group["lr"] = self.lr_tensor
+        self.steps_taken = self.scheduler.last_epoch
+        self.lr_tensor.fill_(self.lr)
 
     def run_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """`train_epoch`'s report (mean loss terms, mean grad norm, samples/s, lr) for the

@@ -18,7 +18,7 @@ from torch import nn
 
 from cube.losses import LossConfig, cube_loss
 from cube.metrics import HeldOut, Split, retrieval_metrics
-from cube.model import CellularCube, CubeConfig
+from cube.model import KERNELS, CellularCube, CubeConfig, LatticeKernel
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,14 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 uses a grad scaler (GPU only)
     patience: int = 0  # epochs without a better val MRR before stopping early; 0 = never stop
+    # How the step runs; none of these changes the maths (docs/gpu.md has the measurements).
+    # kernel: the lattice conv (cube.model.KERNELS); auto = conv2d on CUDA (1.3-2.2x conv3d on an
+    # H100), conv3d elsewhere (the CPU's fastest).
+    kernel: Literal["auto", "conv3d", "conv2d", "im2col"] = "auto"
+    # cuda_graphs: capture the whole step (cube/graph_step.py); auto = on for one CUDA worker in
+    # fp32 or bf16, off otherwise (DDP, CPU, fp16); on = refuse to train without them.
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False  # also torch.compile each lattice step (needs CUDA graphs and Triton; ~1 min to compile)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -48,6 +56,12 @@ class OptimConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.kernel not in ("auto", *KERNELS):
+            raise ValueError(f"kernel must be auto or one of {KERNELS}, got {self.kernel!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
+        if self.compile and self.cuda_graphs == "off":
+            raise ValueError("compile=true compiles the CUDA-graph step; it needs cuda_graphs auto or on")
 
 
 @dataclass
@@ -98,6 +112,29 @@ def make_optimizer(
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def lattice_kernel(cfg: OptimConfig, cube: CubeConfig, device: torch.device) -> LatticeKernel:
+    """`cfg.kernel` with auto resolved: conv2d on CUDA for the learned perception, else conv3d."""
+    if cfg.kernel != "auto":
+        return cfg.kernel
+    return "conv2d" if device.type == "cuda" and cube.perception == "learned" else "conv3d"
+
+
+def use_cuda_graphs(cfg: OptimConfig, device: torch.device, world_size: int) -> bool:
+    """`cfg.cuda_graphs` with auto resolved; `on` where graphs cannot run is an error, not a fallback."""
+    if cfg.cuda_graphs == "off":
+        return False
+    blockers = [why for blocked, why in (
+        (device.type != "cuda", f"the model is on {device.type}, not a CUDA GPU"),
+        (world_size > 1, f"{world_size} DDP workers (a graphed step trains in one process)"),
+        (cfg.precision == "fp16", "precision fp16 (its GradScaler syncs with the host; use bf16)"),
+    ) if blocked]
+    if blockers and (cfg.cuda_graphs == "on" or cfg.compile):
+        setting = "optim.compile=true" if cfg.compile else "optim.cuda_graphs=on"
+        raise ValueError(f"{setting} needs the CUDA-graph step, which cannot run here: {'; '.join(blockers)}. "
+                         "Set optim.cuda_graphs=auto (or off) and optim.compile=false")
+    return not blockers
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -230,6 +267,7 @@ def fit(
     seed: int = 0, probe: HeldOut | None = None, on_epoch: Callable[[EpochEnd], None] | None = None,
     state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None, world_size: int = 1,
     wrap: Callable[[nn.Module], nn.Module] | None = None, steps_per_epoch: int | None = None,
+    graphed: bool | None = None,
 ) -> Progress:
     """Train `model` on `train` (this process's shard), score `val` after every epoch.
 
@@ -237,6 +275,8 @@ def fit(
     checkpoint's (tensors, meta) from `checkpoint.load_train_state`, to continue where it
     stopped; `probe` is a slice of training pairs scored like `val`, so train-vs-val gaps are
     not an artefact of pool size. Every DDP rank must get the same `steps_per_epoch`.
+    `graphed` overrides `optim_cfg.cuda_graphs` (True on a CPU runs the graphed step's body
+    uncaptured: how the CPU tests check that path).
 
     Raises:
         ValueError: the shard holds fewer pairs than one batch.
@@ -246,18 +286,30 @@ def fit(
     if steps < 1:
         raise ValueError(f"{len(train.q)} training pairs make no full batch of optim.batch_size={optim_cfg.batch_size}; "
                          "lower optim.batch_size (or use fewer workers)")
-    opt, sched = make_optimizer(model, optim_cfg, steps, world_size)
-    progress = Progress()
-    if state is not None:
-        restore_training_state(opt, sched, *state)
-        progress = Progress(**state[1]["progress"])
+    model.use_kernel(lattice_kernel(optim_cfg, model.cfg, device))
+    graphed = use_cuda_graphs(optim_cfg, device, world_size) if graphed is None else graphed
+    if graphed:
+        from cube.graph_step import GraphedCubeStep  # it builds on this module
+
+        step = GraphedCubeStep(model, loss_cfg, optim_cfg, optim_cfg.batch_size, steps, world_size,
+                               capture=device.type == "cuda", compile_step=optim_cfg.compile)
+        opt, sched, run_epoch = step.optimizer, step.scheduler, step.run_epoch
+        if state is not None:
+            step.restore(*state)
+    else:
+        opt, sched = make_optimizer(model, optim_cfg, steps, world_size)
+        if state is not None:
+            restore_training_state(opt, sched, *state)
+        net = wrap(model) if wrap is not None else model
+        scaler = torch.amp.GradScaler("cuda") if optim_cfg.precision == "fp16" else None
+
+        def run_epoch(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+            return train_epoch(net, batches, opt, sched, loss_cfg, optim_cfg, scaler)
+    progress = Progress(**state[1]["progress"]) if state is not None else Progress()
     resumed_from = progress.epoch
-    net = wrap(model) if wrap is not None else model
-    scaler = torch.amp.GradScaler("cuda") if optim_cfg.precision == "fp16" else None
     on_device = Split(train.q.to(device), train.a.to(device))
     for epoch in range(progress.epoch, optim_cfg.epochs):
-        batches = epoch_batches(on_device, optim_cfg.batch_size, steps, seed, epoch)
-        stats = train_epoch(net, batches, opt, sched, loss_cfg, optim_cfg, scaler)
+        stats = run_epoch(epoch_batches(on_device, optim_cfg.batch_size, steps, seed, epoch))
         val_metrics = score_held_out(model, val)
         improved = progress.update(val_metrics["mrr"])
         metrics: dict[str, Any] = {"epoch": epoch + 1, **{k.replace("/", "_"): v for k, v in stats.items()},
@@ -275,10 +327,15 @@ def fit(
 def training_state(opt: torch.optim.Optimizer, sched: Any, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Optimiser, scheduler and RNG state split into tensors (safetensors) and JSON."""
     sd = opt.state_dict()
+    for group in sd["param_groups"]:  # the graphed step's rate is a device tensor; JSON wants a number
+        group["lr"] = float(group["lr"])
     tensors = {f"opt.{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items()}
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"param_groups": sd["param_groups"], "scheduler": sched.state_dict(), **extra}
     return tensors, meta
+
+
+IMPLEMENTATION_FLAGS = ("capturable", "foreach", "fused", "differentiable")
 
 
 def restore_training_state(opt: torch.optim.Optimizer, sched: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -287,6 +344,13 @@ def restore_training_state(opt: torch.optim.Optimizer, sched: Any, tensors: dict
         if key.startswith("opt."):
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # The saved hyperparameters, with this optimiser's implementation flags: a checkpoint of the
+    # graphed step (capturable AdamW) resumes eagerly and the other way round.
+    groups = [{**saved, **{k: live[k] for k in IMPLEMENTATION_FLAGS if k in live}}
+              for saved, live in zip(meta["param_groups"], opt.param_groups)]
+    opt.load_state_dict({"state": state, "param_groups": groups})
     sched.load_state_dict(meta["scheduler"])
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # the rate of the next step, whoever saved it
+        if not torch.is_tensor(group["lr"]):
+            group["lr"] = lr
     torch.set_rng_state(tensors["rng.torch"])

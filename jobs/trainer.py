@@ -29,7 +29,7 @@ from cube.job_config import TrainConfig
 from cube.metrics import Split
 from cube.rundir import RunDir, write_json, write_split
 from cube.storage import Storage
-from cube.training import EpochEnd, build_model, fit, peak_lr
+from cube.training import EpochEnd, build_model, fit, lattice_kernel, peak_lr, use_cuda_graphs
 from jobs.common import ensure_ray, require_resources, setup_logging
 from jobs.embedding import embed_pairs
 
@@ -66,6 +66,8 @@ def train_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the lattice runs one shape: let cuDNN time its kernels once
     model = build_model(cfg.cube, torch.tensor(config["q_mean"]), torch.tensor(config["a_mean"]), device, cfg.seed)
     state = None
     checkpoint = ray.train.get_checkpoint()
@@ -75,8 +77,10 @@ def train_worker(config: dict[str, Any]) -> None:
             state = load_train_state(d)
         log.info("rank %d resumed after epoch %d", rank, state[1]["progress"]["epoch"])
     if rank == 0:
-        log.info("batch %d per worker × %d workers, peak lr %.2g (scaled to the global batch)",
-                 cfg.optim.batch_size, world, peak_lr(cfg.optim, world))
+        log.info("batch %d per worker × %d workers, peak lr %.2g (scaled to the global batch); step: %s, lattice kernel %s",
+                 cfg.optim.batch_size, world, peak_lr(cfg.optim, world),
+                 "CUDA graphs" + (" + torch.compile" if cfg.optim.compile else "") if use_cuda_graphs(cfg.optim, device, world) else "eager",
+                 lattice_kernel(cfg.optim, cfg.cube, device))
 
     def report(end: EpochEnd) -> None:
         m = end.metrics

@@ -132,3 +132,43 @@ def test_graphed_step_refuses_replaced_optimizer_state():
     fast.optimizer.load_state_dict(fast.optimizer.state_dict())
     with pytest.raises(RuntimeError, match="replaced"):
         fast.step(q, a)
+
+
+def test_fit_on_cuda_takes_the_graphed_conv2d_step_and_resumes():
+    """`fit` on a CUDA model with the default OptimConfig trains through the CUDA graphs with the
+    conv2d kernel, learns, writes a checkpoint state that resumes to the same epochs."""
+    from cube.metrics import HeldOut, Split
+    from cube.training import build_model, fit
+
+    cfg = CubeConfig(fire_rate=1.0, steps_jitter=0)  # no RNG inside the step: a resume repeats the run
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g) / 8
+    q = torch.randn(320, 64, generator=g)
+    a = q @ w + 0.1 * torch.randn(320, 64, generator=g)
+    train, val = Split(q[:256], a[:256]), HeldOut(q[256:], a[256:], torch.arange(64), [""] * 64, [""] * 64)
+    optim = OptimConfig(epochs=3, lr=3e-3)
+
+    def run(state=None, weights=None):
+        model = build_model(cfg, train.q.mean(0), train.a.mean(0), "cuda")
+        if weights is not None:
+            model.load_state_dict(weights)
+        seen = []
+
+        def keep(end) -> None:  # copies, as a checkpoint on disk would be
+            tensors, meta = end.train_state()
+            seen.append((end.metrics, end.opt.defaults["capturable"], {k: v.clone() for k, v in model.state_dict().items()},
+                         ({k: v.clone() for k, v in tensors.items()}, meta)))
+
+        fit(model, train, val, LossConfig(), optim, on_epoch=keep, state=state)
+        assert model.rule.kernel == "conv2d"
+        return seen
+
+    whole = run()
+    assert all(capturable for _, capturable, _, _ in whole)  # the graphed step's optimiser
+    assert whole[-1][0]["loss_total"] < whole[0][0]["loss_total"]
+    assert whole[-1][0]["val_mrr"] > 0.5
+    resumed = run(state=whole[0][3], weights=whole[0][2])
+    assert [m["epoch"] for m, *_ in resumed] == [2, 3]
+    for (got, *_), (want, *_) in zip(resumed, whole[1:]):
+        assert got["val_mrr"] == pytest.approx(want["val_mrr"], abs=0.02)
+        assert got["loss_total"] == pytest.approx(want["loss_total"], rel=1e-2)

@@ -87,3 +87,68 @@ def test_learning_rate_scales_with_the_global_batch():
     model = torch.nn.Linear(2, 2)
     opt, _ = make_optimizer(model, cfg, steps_per_epoch=4, world_size=2)
     assert opt.param_groups[0]["initial_lr"] == pytest.approx(2e-3)
+
+
+# --- the GPU fast path inside `fit` (its CPU-checkable part: the same step, uncaptured) --------
+
+
+def fit_run(graphed: bool, epochs: int = 3, state=None, model_state=None, cfg: CubeConfig = CFG):
+    """`cube.training.fit` on the linear-map task; returns each epoch's metrics and the
+    (weights, training state) after each epoch, as a checkpoint would hold them."""
+    from cube.metrics import HeldOut, Split
+    from cube.training import build_model, fit
+
+    q, a = task(192)
+    qv, av = task(48, seed=2)
+    val = HeldOut(qv, av, torch.arange(48), [""] * 48, [""] * 48)
+    model = build_model(cfg, q.mean(0), a.mean(0), seed=0)
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    seen = []
+
+    def keep(end) -> None:
+        tensors, meta = end.train_state()
+        seen.append((end.metrics, {k: v.clone() for k, v in model.state_dict().items()},
+                     ({k: v.clone() for k, v in tensors.items()}, meta)))
+
+    optim = OptimConfig(epochs=epochs, lr=3e-3, batch_size=32)
+    fit(model, Split(q, a), val, LossConfig(), optim, seed=0, on_epoch=keep, state=state, graphed=graphed)
+    return seen
+
+
+def test_graphed_fit_trains_as_the_eager_fit():
+    cfg = CubeConfig(width=6, height=6, depth=4, channels=6, hidden=16, io_channels=2, steps=4)  # fire 0.75, jitter
+    eager, graphed = fit_run(False, cfg=cfg), fit_run(True, cfg=cfg)
+    for e, g in zip(eager, graphed):
+        for key in ("loss_total", "grad_norm", "val_mrr", "lr"):
+            assert g[0][key] == pytest.approx(e[0][key], rel=1e-4, abs=1e-6), key
+    assert graphed[-1][0]["val_mrr"] > graphed[0][0]["val_mrr"] - 0.02
+
+
+@pytest.mark.parametrize("first, then", [(True, True), (False, True), (True, False)])
+def test_fit_resumes_across_step_kinds(first, then):
+    """A checkpoint after epoch 1 continues to the uninterrupted run's epochs 2 and 3, whether
+    it was written by the graphed step or by train_epoch and resumed by either."""
+    whole = fit_run(first)
+    _, weights, state = whole[0]
+    resumed = fit_run(then, state=state, model_state=weights)
+    assert [m["epoch"] for m, _, _ in resumed] == [2, 3]
+    assert all(m["resumed_from"] == 1 for m, _, _ in resumed)
+    for got, want in zip(resumed, whole[1:]):
+        for key in ("loss_total", "val_mrr", "lr"):
+            assert got[0][key] == pytest.approx(want[0][key], rel=1e-4, abs=1e-6), key
+
+
+def test_cuda_graphs_refusals_name_the_setting():
+    from cube.metrics import HeldOut, Split
+    from cube.training import build_model, fit
+
+    q, a = task(64)
+    model = build_model(CFG, q.mean(0), a.mean(0))
+    val = HeldOut(q[:8], a[:8], torch.arange(8), [""] * 8, [""] * 8)
+    with pytest.raises(ValueError, match="cuda_graphs=on needs the CUDA-graph step.*on cpu"):
+        fit(model, Split(q, a), val, LossConfig(), OptimConfig(epochs=1, cuda_graphs="on"))
+    with pytest.raises(ValueError, match="compile=true"):
+        OptimConfig(compile=True, cuda_graphs="off")
+    with pytest.raises(ValueError, match="kernel must be"):
+        OptimConfig(kernel="winograd")
