@@ -19,7 +19,7 @@ import time
 import torch
 
 from cube.losses import LossConfig
-from cube.model import CellularCube, CubeConfig
+from cube.model import KERNELS, CellularCube, CubeConfig
 from cube.training import OptimConfig, make_optimizer, train_epoch
 
 
@@ -54,9 +54,10 @@ def matmul_rate(device: str, dtype: torch.dtype, n: int, budget_s: float = 1.5) 
     return best
 
 
-def step_rate(cfg: CubeConfig, device: str, precision: str, batch: int, steps: int, channels_last: bool) -> tuple[float, float]:
+def step_rate(cfg: CubeConfig, device: str, precision: str, batch: int, steps: int, channels_last: bool,
+              kernel: str = "conv3d") -> tuple[float, float]:
     torch.manual_seed(0)
-    model = CellularCube(cfg, 384).to(device)
+    model = CellularCube(cfg, 384).to(device).use_kernel(kernel)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optim = OptimConfig(epochs=1, precision=precision)
@@ -81,6 +82,8 @@ def main() -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="time the bf16 autocast step too (default: on CUDA only; a CPU without bf16 units takes "
                         "minutes per step there)")
+    p.add_argument("--kernels", nargs="*", default=["conv2d"], choices=KERNELS,
+                   help="lattice kernels timed besides conv3d (channels-last fp32)")
     args = p.parse_args()
     cfg = CubeConfig(fire_rate=1.0, **({"hidden": args.hidden} if args.hidden else {}))
     gpu = args.device == "cuda"
@@ -90,15 +93,16 @@ def main() -> None:
     print(f"device={args.device} threads={torch.get_num_threads()} cube={cfg.width}x{cfg.height}x{cfg.depth} "
           f"C={cfg.channels} hidden={cfg.hidden} T={cfg.steps} batch={args.batch}")
     print(f"matmul {n}x{n}: fp32 {fp32_peak / 1e9:,.0f} GFLOP/s, bf16 {bf16_peak / 1e9:,.0f} GFLOP/s")
-    variants = [("fp32, NCDHW params", "fp32", False), ("fp32, channels-last", "fp32", True)]
+    variants = [("fp32, NCDHW params", "fp32", False, "conv3d"), ("fp32, channels-last", "fp32", True, "conv3d")]
+    variants += [(f"fp32, channels-last, {k}", "fp32", True, k) for k in args.kernels if k != "conv3d"]
     if gpu if args.bf16 is None else args.bf16:
-        variants.append(("bf16 autocast, channels-last", "bf16", True))
+        variants.append(("bf16 autocast, channels-last", "bf16", True, "conv3d"))
     best: dict[str, tuple[float, float]] = {}
     for _ in range(args.repeats):  # interleaved, so a burst of noise hurts one round, not one variant
-        for name, precision, cl in variants:
-            rate = step_rate(cfg, args.device, precision, args.batch, args.steps, cl)
+        for name, precision, cl, kernel in variants:
+            rate = step_rate(cfg, args.device, precision, args.batch, args.steps, cl, kernel)
             best[name] = max(best.get(name, rate), rate)
-    for name, precision, cl in variants:
+    for name, precision, _, _ in variants:
         flops, samples = best[name]
         ref = bf16_peak if precision == "bf16" else fp32_peak
         print(f"{name:<30} {flops / 1e9:>9,.1f} GFLOP/s  {samples:>8,.1f} samples/s  "
