@@ -76,7 +76,8 @@ class CubeOutput(NamedTuple):
 # cells (B, D, H, W, C) and run the per-cell update as a matmul: "conv2d" folds the three depth
 # taps into channels and runs a 3×3 conv2d over (H, W) with 3C inputs (the GPU's convolution
 # kernels are tuned for conv2d, not for a conv3d with 8 input channels); "im2col" gathers all
-# 27 taps (27C values per cell) and runs one matmul, which torch.compile fuses with the gather.
+# 27 taps (27C values per cell) and runs one matmul: the plainest form, slower everywhere it
+# was measured (it writes 27 copies of the state per step; docs/gpu.md).
 LatticeKernel = Literal["conv3d", "conv2d", "im2col"]
 KERNELS: tuple[str, ...] = ("conv3d", "conv2d", "im2col")
 
@@ -164,7 +165,8 @@ class UpdateRule(nn.Module):
         if self.cfg.perception == "sobel":
             x = F.conv3d(x, self.sobel, padding=1, groups=self.cfg.channels)  # (B, 4C, D, H, W)
         h = self.perceive(x)  # (B, hidden + C, D, H, W)
-        hidden, linear = h.split((self.cfg.hidden, h.shape[1] - self.cfg.hidden), dim=1)  # backward: one cat, not two zero-filled copies
+        # split, not two slices: its backward is one cat, not two zero-filled full-size copies
+        hidden, linear = h.split((self.cfg.hidden, h.shape[1] - self.cfg.hidden), dim=1)
         return self.update(F.relu(hidden)) + linear  # (B, C, D, H, W)
 
     def _cells_forward(self, x: torch.Tensor) -> torch.Tensor:
