@@ -26,8 +26,9 @@ are restored after capture, so the first replayed step starts from the model as 
 
 Not supported: DistributedDataParallel (one process per GPU trains alone here), and
 replacing tensors after the first step (`optimizer.load_state_dict`, `model.to`, an LR
-scheduler): every step checks that the graphs still read the live tensors and raises if not.
-`model.load_state_dict` copies in place and is fine. No silent fallbacks: `capture=True`
+scheduler of your own on `optimizer`, which writes a float rate): every step checks that the
+graphs still read the live tensors and raises if not. `model.load_state_dict` copies in place
+and is fine; the step's own schedule is `scheduler`, and `restore` loads a checkpoint's. No silent fallbacks: `capture=True`
 on a non-CUDA device raises; `capture=False` runs the very same step eagerly, on any device,
 for tests and for comparison.
 """
@@ -43,7 +44,7 @@ import torch
 
 from cube.losses import LossConfig, cube_loss
 from cube.model import CellularCube, CubeOutput, LatticeKernel
-from cube.training import OptimConfig, make_optimizer, peak_lr, restore_training_state
+from cube.training import OptimConfig, make_optimizer, restore_training_state
 
 TERMS = ("total", "dialogue", "surface", "internal", "grad_norm")
 
@@ -129,20 +130,20 @@ class GraphedCubeStep:
                 p.grad = torch.zeros_like(p)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._bound: tuple = ()
-        self.steps_taken = 0
 
     def _make_optimizer(self, steps_per_epoch: int, world_size: int) -> None:
         """AdamW with make_optimizer's hyperparameters and schedule, but a device-tensor LR."""
         reference, sched = make_optimizer(self.model, self.optim_cfg, steps_per_epoch, world_size)
         # The schedule lives on an optimiser that never steps: LambdaLR writes a float rate into its
-        # optimiser's groups, which would cut the graphs off the rate tensor. It is kept (and stepped
-        # with every step) so that checkpoints hold the same scheduler state as train_epoch's.
+        # optimiser's groups, which would cut the graphs off the rate tensor. It is stepped with
+        # every step, gives the rate the device tensor carries, and its state is what checkpoints
+        # hold, the same as train_epoch's.
         self.scheduler = sched
-        self._factor: Callable[[int], float] = sched.lr_lambdas[0]
-        self._peak = peak_lr(self.optim_cfg, world_size)
+        reference.zero_grad(set_to_none=True)
+        reference.step()  # a no-op (no gradients), so that LambdaLR sees its optimiser step before it does
         d = reference.defaults
         cuda = self.device.type == "cuda"
-        self.lr_tensor = torch.tensor(self._peak * self._factor(0), device=self.device)
+        self.lr_tensor = torch.tensor(self.lr, device=self.device)
         self.optimizer = torch.optim.AdamW(
             self._params, lr=self.lr_tensor, betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
             amsgrad=d["amsgrad"], foreach=cuda, capturable=cuda)
@@ -154,7 +155,11 @@ class GraphedCubeStep:
     @property
     def lr(self) -> float:
         """The rate the next step uses (what `sched.get_last_lr()` reports after train_epoch)."""
-        return self._peak * self._factor(self.steps_taken)
+        return self.scheduler.get_last_lr()[0]
+
+    @property
+    def steps_taken(self) -> int:
+        return self.scheduler.last_epoch
 
     @property
     def terms(self) -> dict[str, torch.Tensor]:
@@ -219,10 +224,7 @@ class GraphedCubeStep:
                 self._capture()
             self._check_bound()
             self._graphs[steps].replay()
-        self.steps_taken += 1
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": its optimiser never steps
-            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
-            self.scheduler.step()
+        self.scheduler.step()
         self._last = self._out.clone()
         return self._last[0]
 
@@ -234,7 +236,6 @@ class GraphedCubeStep:
         restore_training_state(self.optimizer, self.scheduler, tensors, meta)
         for group in self.optimizer.param_groups:  # load_state_dict wrote the saved float rate
             group["lr"] = self.lr_tensor
-        self.steps_taken = self.scheduler.last_epoch
         self.lr_tensor.fill_(self.lr)
 
     def run_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

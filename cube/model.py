@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import product
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ class CubeOutput(NamedTuple):
 # 27 taps (27C values per cell) and runs one matmul: the plainest form, slower everywhere it
 # was measured (it writes 27 copies of the state per step; docs/gpu.md).
 LatticeKernel = Literal["conv3d", "conv2d", "im2col"]
-KERNELS: tuple[str, ...] = ("conv3d", "conv2d", "im2col")
+KERNELS: tuple[str, ...] = get_args(LatticeKernel)
 
 
 class _DepthTaps(torch.autograd.Function):

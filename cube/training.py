@@ -37,7 +37,7 @@ class OptimConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 uses a grad scaler (GPU only)
     patience: int = 0  # epochs without a better val MRR before stopping early; 0 = never stop
     # How the step runs; none of these changes the maths (docs/gpu.md has the measurements).
-    # kernel: the lattice conv (cube.model.KERNELS); auto = conv2d on CUDA (1.3-2.2x conv3d on an
+    # kernel: the lattice conv (cube.model.KERNELS); auto = conv2d on CUDA (1.4-2.2x conv3d on an
     # H100), conv3d elsewhere (the CPU's fastest).
     kernel: Literal["auto", "conv3d", "conv2d", "im2col"] = "auto"
     # cuda_graphs: capture the whole step (cube/graph_step.py); auto = on for one CUDA worker in
@@ -262,6 +262,43 @@ def _flat(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}_{k.replace('@', '_at_')}": v for k, v in metrics.items()}
 
 
+RunEpoch = Callable[[Iterator[tuple[torch.Tensor, torch.Tensor]]], dict[str, float]]
+StepParts = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, RunEpoch]
+
+
+def _eager_step(
+    model: CellularCube, loss_cfg: LossConfig, optim_cfg: OptimConfig, steps: int, world_size: int,
+    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None, wrap: Callable[[nn.Module], nn.Module] | None,
+) -> StepParts:
+    """train_epoch through `wrap(model)` (DDP under Ray Train), with its optimiser and schedule."""
+    opt, sched = make_optimizer(model, optim_cfg, steps, world_size)
+    if state is not None:
+        restore_training_state(opt, sched, *state)
+    net = wrap(model) if wrap is not None else model
+    scaler = torch.amp.GradScaler("cuda") if optim_cfg.precision == "fp16" else None
+
+    def run_epoch(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        return train_epoch(net, batches, opt, sched, loss_cfg, optim_cfg, scaler)
+    return opt, sched, run_epoch
+
+
+def _graphed_step(
+    model: CellularCube, loss_cfg: LossConfig, optim_cfg: OptimConfig, steps: int, world_size: int,
+    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None, wrap: Callable[[nn.Module], nn.Module] | None,
+) -> StepParts:
+    """cube.graph_step's step: captured on CUDA, its very body run eagerly elsewhere (tests)."""
+    from cube.graph_step import GraphedCubeStep  # it builds on this module
+
+    if world_size > 1:
+        raise ValueError(f"the graphed step trains one process alone; {world_size} DDP workers need graphed=False")
+    device = model.q_mean.device
+    step = GraphedCubeStep(model, loss_cfg, optim_cfg, optim_cfg.batch_size, steps, world_size,
+                           capture=device.type == "cuda", compile_step=optim_cfg.compile)
+    if state is not None:
+        step.restore(*state)
+    return step.optimizer, step.scheduler, step.run_epoch
+
+
 def fit(
     model: CellularCube, train: Split, val: HeldOut, loss_cfg: LossConfig, optim_cfg: OptimConfig, *,
     seed: int = 0, probe: HeldOut | None = None, on_epoch: Callable[[EpochEnd], None] | None = None,
@@ -276,7 +313,8 @@ def fit(
     stopped; `probe` is a slice of training pairs scored like `val`, so train-vs-val gaps are
     not an artefact of pool size. Every DDP rank must get the same `steps_per_epoch`.
     `graphed` overrides `optim_cfg.cuda_graphs` (True on a CPU runs the graphed step's body
-    uncaptured: how the CPU tests check that path).
+    uncaptured: how the CPU tests check that path). The model keeps the lattice kernel that
+    `optim_cfg.kernel` resolves to (it changes speed, not results).
 
     Raises:
         ValueError: the shard holds fewer pairs than one batch.
@@ -288,23 +326,8 @@ def fit(
                          "lower optim.batch_size (or use fewer workers)")
     model.use_kernel(lattice_kernel(optim_cfg, model.cfg, device))
     graphed = use_cuda_graphs(optim_cfg, device, world_size) if graphed is None else graphed
-    if graphed:
-        from cube.graph_step import GraphedCubeStep  # it builds on this module
-
-        step = GraphedCubeStep(model, loss_cfg, optim_cfg, optim_cfg.batch_size, steps, world_size,
-                               capture=device.type == "cuda", compile_step=optim_cfg.compile)
-        opt, sched, run_epoch = step.optimizer, step.scheduler, step.run_epoch
-        if state is not None:
-            step.restore(*state)
-    else:
-        opt, sched = make_optimizer(model, optim_cfg, steps, world_size)
-        if state is not None:
-            restore_training_state(opt, sched, *state)
-        net = wrap(model) if wrap is not None else model
-        scaler = torch.amp.GradScaler("cuda") if optim_cfg.precision == "fp16" else None
-
-        def run_epoch(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-            return train_epoch(net, batches, opt, sched, loss_cfg, optim_cfg, scaler)
+    opt, sched, run_epoch = (_graphed_step if graphed else _eager_step)(
+        model, loss_cfg, optim_cfg, steps, world_size, state, wrap)
     progress = Progress(**state[1]["progress"]) if state is not None else Progress()
     resumed_from = progress.epoch
     on_device = Split(train.q.to(device), train.a.to(device))

@@ -77,10 +77,11 @@ def train_worker(config: dict[str, Any]) -> None:
             state = load_train_state(d)
         log.info("rank %d resumed after epoch %d", rank, state[1]["progress"]["epoch"])
     if rank == 0:
+        step = "eager"
+        if use_cuda_graphs(cfg.optim, device, world):
+            step = "CUDA graphs + torch.compile" if cfg.optim.compile else "CUDA graphs"
         log.info("batch %d per worker × %d workers, peak lr %.2g (scaled to the global batch); step: %s, lattice kernel %s",
-                 cfg.optim.batch_size, world, peak_lr(cfg.optim, world),
-                 "CUDA graphs" + (" + torch.compile" if cfg.optim.compile else "") if use_cuda_graphs(cfg.optim, device, world) else "eager",
-                 lattice_kernel(cfg.optim, cfg.cube, device))
+                 cfg.optim.batch_size, world, peak_lr(cfg.optim, world), step, lattice_kernel(cfg.optim, cfg.cube, device))
 
     def report(end: EpochEnd) -> None:
         m = end.metrics

@@ -126,12 +126,15 @@ def test_graphed_fit_trains_as_the_eager_fit():
 
 
 @pytest.mark.parametrize("first, then", [(True, True), (False, True), (True, False)])
-def test_fit_resumes_across_step_kinds(first, then):
-    """A checkpoint after epoch 1 continues to the uninterrupted run's epochs 2 and 3, whether
-    it was written by the graphed step or by train_epoch and resumed by either."""
+def test_fit_resumes_across_step_kinds(first, then, tmp_path):
+    """A checkpoint after epoch 1, through the files a run writes, continues to the uninterrupted
+    run's epochs 2 and 3, whether the graphed step or train_epoch wrote it and either resumes it."""
+    from cube.checkpoint import load_train_state, save_train_state
+
     whole = fit_run(first)
     _, weights, state = whole[0]
-    resumed = fit_run(then, state=state, model_state=weights)
+    save_train_state(tmp_path, *state)
+    resumed = fit_run(then, state=load_train_state(tmp_path), model_state=weights)
     assert [m["epoch"] for m, _, _ in resumed] == [2, 3]
     assert all(m["resumed_from"] == 1 for m, _, _ in resumed)
     for got, want in zip(resumed, whole[1:]):
