@@ -24,6 +24,8 @@ from dataclasses import replace
 
 import torch
 
+from cube.model import KERNELS
+
 EMBED = 576
 
 
@@ -101,7 +103,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="timed window per N")
     p.add_argument("--batch", type=int, default=None, help="per-process batch (default: OptimConfig's)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: OptimConfig's")
-    p.add_argument("--kernel", default="conv3d", choices=["conv3d", "conv2d", "im2col"], help="the lattice conv (cube.model.KERNELS)")
+    p.add_argument("--kernel", default="conv3d", choices=KERNELS, help="the lattice conv (cube.model.KERNELS)")
     p.add_argument("--tiny", action="store_true", help="a 5×5×4 cube (smoke test)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

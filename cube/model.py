@@ -147,6 +147,7 @@ class UpdateRule(nn.Module):
         else:
             self.perceive = nn.Conv3d(c, h + c, kernel_size=3, padding=1)
         self.update = nn.Conv3d(h, c, kernel_size=1)
+        self.kernel: LatticeKernel = "conv3d"  # how the conv runs (CellularCube.use_kernel); not a weight
         nn.init.zeros_(self.update.weight)  # untrained MLP is a no-op (Growing NCA)
         nn.init.zeros_(self.update.bias)
         with torch.no_grad():
@@ -156,8 +157,6 @@ class UpdateRule(nn.Module):
                 channel = torch.arange(c)
                 self.perceive.weight[h + channel, channel, 0, 1, 1] = 1.0
                 self.perceive.weight[h + channel, channel, 1, 1, 1] = -1.0
-
-    kernel: LatticeKernel = "conv3d"  # set through CellularCube.use_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel != "conv3d":

@@ -284,7 +284,7 @@ def _eager_step(
 
 def _graphed_step(
     model: CellularCube, loss_cfg: LossConfig, optim_cfg: OptimConfig, steps: int, world_size: int,
-    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None, wrap: Callable[[nn.Module], nn.Module] | None,
+    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
 ) -> StepParts:
     """cube.graph_step's step: captured on CUDA, its very body run eagerly elsewhere (tests)."""
     from cube.graph_step import GraphedCubeStep  # it builds on this module
@@ -326,8 +326,10 @@ def fit(
                          "lower optim.batch_size (or use fewer workers)")
     model.use_kernel(lattice_kernel(optim_cfg, model.cfg, device))
     graphed = use_cuda_graphs(optim_cfg, device, world_size) if graphed is None else graphed
-    opt, sched, run_epoch = (_graphed_step if graphed else _eager_step)(
-        model, loss_cfg, optim_cfg, steps, world_size, state, wrap)
+    if graphed:
+        opt, sched, run_epoch = _graphed_step(model, loss_cfg, optim_cfg, steps, world_size, state)
+    else:
+        opt, sched, run_epoch = _eager_step(model, loss_cfg, optim_cfg, steps, world_size, state, wrap)
     progress = Progress(**state[1]["progress"]) if state is not None else Progress()
     resumed_from = progress.epoch
     on_device = Split(train.q.to(device), train.a.to(device))
