@@ -4,7 +4,7 @@
         --variants default,ep24 --seeds 3 --device cuda --jobs 8 --json out.json
 
 Each variant is a set of `--set`-style overrides applied to the default TrainConfig (the same
-code path as a tuning trial); each (dataset, variant, seed) trains with `cube.training.fit` on
+code path as a tuning trial); each (dataset, variant, seed) trains with `cube.train.loop.fit` on
 the split's training pairs and is scored on val and test with the same pool definition as
 `cube eval` (every question against its split's distinct answers). Baselines are fit once per
 dataset on the same split (the MLP over the same seeds). No Ray, so it runs on a GPU box.
@@ -23,14 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cube.baselines import Centering, fit_baselines
+from cube.eval.baselines import Centering, fit_baselines
 from cube.config import to_dict
-from cube.evaluate import score_baselines
+from cube.eval.report import score_baselines
 from cube.job_config import TrainConfig
 from cube.model import count_parameters
-from cube.rundir import read_split
-from cube.search_space import trial_config
-from cube.training import build_model, fit, score_held_out
+from cube.data.rundir import read_split
+from jobs.search_space import trial_config
+from cube.eval.inference import score_held_out
+from cube.train.loop import build_model, fit
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},

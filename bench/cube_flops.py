@@ -18,9 +18,10 @@ import time
 
 import torch
 
-from cube.losses import LossConfig
+from cube.train.losses import LossConfig
 from cube.model import KERNELS, CellularCube, CubeConfig
-from cube.training import OptimConfig, make_optimizer, train_epoch
+from cube.train.loop import train_epoch
+from cube.train.optim import OptimConfig, make_optimizer
 
 
 def step_flops(cfg: CubeConfig, embed_dim: int, batch: int) -> float:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from bench.embed_throughput import texts
-from cube.teacher import Teacher, TeacherConfig
+from cube.teachers import HFTeacher, TeacherConfig
 
 
 def rss_mib() -> float:
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--teacher", default="minilm")
     args = p.parse_args()
-    teacher = Teacher(TeacherConfig(name=args.teacher))
+    teacher = HFTeacher(TeacherConfig(name=args.teacher))
     rows = texts(args.rows)
     done, samples = [], []
     start = time.perf_counter()

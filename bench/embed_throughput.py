@@ -20,8 +20,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from cube.data import SHIPPED_DATASET, load_qa
-from cube.teacher import Teacher, TeacherConfig
+from cube.data.qa import SHIPPED_DATASET, load_qa
+from cube.teachers import HFTeacher, TeacherConfig
 from cube.job_config import PipelineOptions
 from jobs.embedding import embed_texts
 
@@ -33,7 +33,7 @@ def texts(n: int) -> list[str]:
 
 
 def plain_loop(rows: list[str], teacher: TeacherConfig, batch_size: int) -> float:
-    model = Teacher(teacher)
+    model = HFTeacher(teacher)
     start = time.perf_counter()
     for i in range(0, len(rows), batch_size):
         model.embed(rows[i : i + batch_size])
@@ -47,7 +47,7 @@ def pipeline(rows: list[str], teacher: TeacherConfig, opts: PipelineOptions) -> 
     on disk to the last, so, like the plain loop, it leaves out loading the teacher (here: Ray
     starting the actor process and the model in it); end to end includes that.
     """
-    from cube import store
+    from cube.data import store
 
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / "store"

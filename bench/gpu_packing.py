@@ -4,7 +4,7 @@
     python -m bench.gpu_packing                        # one GPU, 8 s per N
     python -m bench.gpu_packing --device cpu --tiny --procs 1 2 --seconds 2   # smoke test
 
-Each process trains the project's fastest step (cube.graph_step.GraphedCubeStep: the default
+Each process trains the project's fastest step (cube.train.graph_step.GraphedCubeStep: the default
 CubeConfig with its step jitter, E=576, OptimConfig's batch size and precision unless given) on
 random data. All processes build and capture first, meet at a barrier, then train for
 --seconds; the aggregate is the sum of their samples/s over that common window.
@@ -31,10 +31,10 @@ EMBED = 576
 
 def train(rank: int, args: argparse.Namespace, barrier, results) -> None:
     """One trial: build, capture, wait for the others, train for args.seconds, report."""
-    from cube.graph_step import GraphedCubeStep, fast_backends
-    from cube.losses import LossConfig
+    from cube.train.graph_step import GraphedCubeStep, fast_backends
+    from cube.train.losses import LossConfig
     from cube.model import CellularCube, CubeConfig
-    from cube.training import OptimConfig
+    from cube.train.optim import OptimConfig
 
     try:
         cuda = args.device == "cuda"

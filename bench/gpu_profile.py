@@ -20,10 +20,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.gpu_step import EMBED, LONG_RUN, TINY
-from cube.graph_step import GraphedCubeStep, fast_backends
-from cube.losses import LossConfig
+from cube.train.graph_step import GraphedCubeStep, fast_backends
+from cube.train.losses import LossConfig
 from cube.model import KERNELS, CellularCube, CubeConfig
-from cube.training import OptimConfig
+from cube.train.optim import OptimConfig
 
 
 def main() -> None:

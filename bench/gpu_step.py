@@ -1,5 +1,5 @@
 """Samples/s of one cube training step on one GPU: the project's eager step, the graphed fast
-path (cube/graph_step.py) and the JAX peer (bench/jax_cube.py), side by side in one process.
+path (cube/train/graph_step.py) and the JAX peer (bench/jax_cube.py), side by side in one process.
 
     python -m bench.gpu_step                                # one GPU; batch 32, 256, 1024
     python -m bench.gpu_step --device cpu --tiny --batches 4 8 --budget 0.2   # smoke test
@@ -16,7 +16,7 @@ seconds each, after warm-up (capture, compilation), and the best round counts; e
 builds every row's step anew, one row at a time (their memory pools would not fit together).
 
 Backend flags, per row: "eager" is the project's step as it runs today (torch defaults:
-cuDNN heuristics, TF32 convs, fp32 matmuls); "graphed" rows use cube.graph_step.fast_backends
+cuDNN heuristics, TF32 convs, fp32 matmuls); "graphed" rows use cube.train.graph_step.fast_backends
 (cuDNN autotuning; TF32 convs and matmuls unless --no-tf32); JAX uses its defaults (TF32 for
 fp32 convs and dots on GPUs) or, with --no-tf32, "highest" precision.
 """
@@ -38,10 +38,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX is
 import torch
 
 from bench.cube_flops import matmul_rate, step_flops
-from cube.graph_step import GraphedCubeStep, fast_backends
-from cube.losses import LossConfig
+from cube.train.graph_step import GraphedCubeStep, fast_backends
+from cube.train.losses import LossConfig
 from cube.model import KERNELS, CellularCube, CubeConfig
-from cube.training import OptimConfig, make_optimizer, train_epoch
+from cube.train.loop import train_epoch
+from cube.train.optim import OptimConfig, make_optimizer
 
 EMBED = 576
 TINY = CubeConfig(width=5, height=5, depth=4, channels=4, hidden=8, io_channels=2, steps=3)

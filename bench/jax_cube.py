@@ -1,6 +1,6 @@
 """The cube's training step in JAX + optax, jitted whole: the peer that bench/gpu_step.py races.
 
-Same cube, loss and optimiser as the project (cube/model.py, cube/losses.py, cube/training.py),
+Same cube, loss and optimiser as the project (cube/model/cube.py, cube/train/losses.py, cube/train/loop.py),
 written the way a JAX NCA is (as CAX does): the state channels-last (N, D, H, W, C), the
 perception a `lax.conv_general_dilated`, the per-cell update a dense layer, `lax.scan` over
 the lattice steps, global-norm clipping and `optax.adamw` with the project's warm-up + cosine
@@ -32,9 +32,9 @@ except ImportError as e:  # keep the message: the project's own environment neve
     raise ImportError("bench/jax_cube.py needs jax and optax, which the cube project does not depend on; "
                       "install them (pip install jax optax) in the environment that runs the benchmark") from e
 
-from cube.losses import LossConfig
+from cube.train.losses import LossConfig
 from cube.model import CellularCube, CubeConfig
-from cube.training import OptimConfig, peak_lr
+from cube.train.optim import OptimConfig, peak_lr
 
 TERMS = ("total", "dialogue", "surface", "internal", "grad_norm")
 
@@ -88,7 +88,7 @@ def normalize(v: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
 
 def loss_terms(p: dict, consts: dict, q: jnp.ndarray, a: jnp.ndarray, key: jnp.ndarray, cfg: CubeConfig,
                loss: LossConfig, steps: int, dtype) -> tuple[jnp.ndarray, dict]:
-    """cube.losses.cube_loss on the JAX forward: 1−cos + InfoNCE, surface cosine, internal."""
+    """cube.train.losses.cube_loss on the JAX forward: 1−cos + InfoNCE, surface cosine, internal."""
     k, hw = cfg.io_channels, (cfg.height, cfg.width)
     q_c, a_c = q - consts["q_mean"], a - consts["a_mean"]
     front = dense(q_c, p["enc_w"], p["enc_b"], dtype).reshape(-1, k, *hw).transpose(0, 2, 3, 1)  # (B, H, W, k)
@@ -110,7 +110,7 @@ def loss_terms(p: dict, consts: dict, q: jnp.ndarray, a: jnp.ndarray, key: jnp.n
 
 
 def schedule(cfg: OptimConfig, steps_per_epoch: int, world_size: int = 1):
-    """cube.training.make_optimizer's LambdaLR factor × peak rate, as an optax schedule."""
+    """cube.train.optim.make_optimizer's LambdaLR factor × peak rate, as an optax schedule."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(cfg.warmup_fraction * total)
     peak = peak_lr(cfg, world_size)
@@ -175,7 +175,8 @@ class JaxCubeStep:
 def check(steps: int = 3) -> int:
     """Same weights, data and schedule through train_epoch and the JAX step: losses, grad norms
     and updated weights must agree to fp32 tolerance (fire_rate 1: no random masks)."""
-    from cube.training import make_optimizer, train_epoch
+    from cube.train.loop import train_epoch
+    from cube.train.optim import make_optimizer
 
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.backends.cudnn.allow_tf32 = False

@@ -22,10 +22,10 @@ MODES = [("minilm", "none"), ("smollm2", "none"), ("smollm2", "8bit"), ("smollm2
 
 def child(name: str, quantize: str, rows: int, batch_size: int) -> None:
     from bench.embed_throughput import texts
-    from cube.teacher import Teacher, TeacherConfig
+    from cube.teachers import HFTeacher, TeacherConfig
 
     start = time.perf_counter()
-    teacher = Teacher(TeacherConfig(name=name, quantize=quantize))
+    teacher = HFTeacher(TeacherConfig(name=name, quantize=quantize))
     load = time.perf_counter() - start
     data = texts(rows)
     teacher.embed(data[:batch_size])  # warm-up

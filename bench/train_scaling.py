@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from cube.config import load_config
-from cube.data import SHIPPED_DATASET
+from cube.data.qa import SHIPPED_DATASET
 from jobs.common import ensure_ray
 from cube.job_config import TrainConfig
 from jobs.trainer import train

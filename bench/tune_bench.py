@@ -25,9 +25,9 @@ import pandas as pd
 
 from cube.config import load_config, save_config, to_dict
 from cube.job_config import TrainConfig, TuneConfig
-from cube.rundir import RunDir
-from cube.search_space import load_space
-from cube.storage import Storage
+from cube.data.rundir import RunDir
+from jobs.search_space import load_space
+from cube.data.storage import Storage
 from jobs.common import ensure_ray
 from jobs.sweep import max_epochs, run_sweep, trial_table
 

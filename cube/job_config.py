@@ -12,12 +12,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cube.data import DataConfig
-from cube.generate import GeneratorConfig
-from cube.losses import LossConfig
+from cube.data.qa import DataConfig
+from cube.teachers.generate import GeneratorConfig
+from cube.train.losses import LossConfig
 from cube.model import CubeConfig
-from cube.teacher import TeacherConfig
-from cube.training import OptimConfig
+from cube.teachers import TeacherConfig
+from cube.train.optim import OptimConfig
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cube.analysis import analyse, write_report
-from cube.checkpoint import load_checkpoint
-from cube.rundir import RunDir, write_json
-from cube.storage import Storage
+from cube.eval.analysis import analyse, write_report
+from cube.train.checkpoint import load_checkpoint
+from cube.data.rundir import RunDir, write_json
+from cube.data.storage import Storage
 from jobs.common import add_verbose_flag, run_main, setup_logging
 
 

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from cube.cache import cache_root
+from cube.data.cache import cache_root
 from jobs.common import run_main
 
 HOST = "127.0.0.1"

@@ -24,12 +24,12 @@ class ResourceError(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: bad data, config, run folder, teacher, resources."""
-    from cube.checkpoint import CheckpointError
-    from cube.data import DataError
-    from cube.rundir import RunError
-    from cube.storage import StorageError
-    from cube.store import StoreError
-    from cube.teacher import TeacherError
+    from cube.train.checkpoint import CheckpointError
+    from cube.data.qa import DataError
+    from cube.data.rundir import RunError
+    from cube.data.storage import StorageError
+    from cube.data.store import StoreError
+    from cube.teachers import TeacherError
 
     return (DataError, RunError, CheckpointError, StoreError, StorageError, TeacherError, ResourceError,
             FileNotFoundError, ValueError)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import requests
 
-from cube.data import SHIPPED_DATASET, load_qa
-from cube.evaluate import format_report
-from cube.rundir import RunDir
+from cube.data.qa import SHIPPED_DATASET, load_qa
+from cube.eval.report import format_report
+from cube.data.rundir import RunDir
 from jobs.common import add_config_flags, config_from_args, ensure_ray, run_main, setup_logging
 from jobs.serve import start, stop
 from cube.job_config import TrainConfig

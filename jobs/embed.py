@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 from cube.job_config import EmbedConfig
-from cube.storage import LOG, Storage
+from cube.data.storage import LOG, Storage
 from jobs.common import add_config_flags, config_from_args, run_main, setup_logging
 from jobs.embedding import embed_file
 

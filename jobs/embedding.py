@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cube import store
+from cube.data import store
 from cube.config import from_dict, to_dict
-from cube.data import DataConfig, iter_pairs, text_id
-from cube.generate import AnswerWriter, GeneratorConfig
+from cube.data.qa import DataConfig, iter_pairs, text_id
+from cube.teachers.generate import AnswerWriter, GeneratorConfig
 from cube.job_config import EmbedConfig, PipelineOptions
-from cube.teacher import TeacherConfig, load_teacher
+from cube.teachers import TeacherConfig, load_teacher
 from jobs.common import describe_nodes, ensure_ray, fits, node_resources, quiet_ray_data
 
 log = logging.getLogger("cube.embed")

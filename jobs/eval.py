@@ -18,12 +18,12 @@ from pathlib import Path
 import yaml
 
 from cube.config import from_dict
-from cube.data import DataConfig, load_qa
-from cube.evaluate import evaluate_run, format_report
+from cube.data.qa import DataConfig, load_qa
+from cube.eval.report import evaluate_run, format_report
 from cube.job_config import PipelineOptions
-from cube.metrics import HeldOut
-from cube.rundir import RunDir
-from cube.storage import Storage
+from cube.eval.metrics import HeldOut
+from cube.data.rundir import RunDir
+from cube.data.storage import Storage
 from jobs.common import add_verbose_flag, run_main, setup_logging
 
 

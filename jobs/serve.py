@@ -55,8 +55,8 @@ def start(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, answer
     from ray import serve
 
     from cube.config import to_dict
-    from cube.rundir import RunDir
-    from cube.storage import is_uri
+    from cube.data.rundir import RunDir
+    from cube.data.storage import is_uri
     from serve.app import build_app
     from serve.settings import load_settings
 

@@ -2,7 +2,7 @@
 
 A sweep folder is a run folder's inputs (config.yaml, teacher.json, split.parquet: embedded
 once, trials read vectors and never the teacher) plus Tune's experiment (ray/) and what the
-report writes. A trial is one call of `cube.training.fit` in its own process, reporting every
+report writes. A trial is one call of `cube.train.loop.fit` in its own process, reporting every
 epoch to Tune (ASHA stops weak ones); with `workers_per_trial` it is a driver that fits its own
 Ray Train `TorchTrainer` instead, the way Ray 2.60 combines Tune with Train.
 
@@ -23,14 +23,14 @@ import yaml
 from ray import tune
 from tqdm import tqdm
 
-from cube.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
+from cube.train.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.config import load_config, save_config, to_dict
 from cube.job_config import TrainConfig, TuneConfig
-from cube.metrics import HeldOut, Split
-from cube.rundir import RunDir, write_json
-from cube.search_space import Param, trial_config
-from cube.storage import Storage
-from cube.training import EpochEnd, build_model, fit
+from cube.eval.metrics import HeldOut, Split
+from cube.data.rundir import RunDir, write_json
+from jobs.search_space import Param, trial_config
+from cube.data.storage import Storage
+from cube.train.loop import EpochEnd, build_model, fit
 from jobs.common import node_resources, require_resources
 
 log = logging.getLogger("cube.tune")
@@ -273,7 +273,7 @@ def trial_cost(cfg: TrainConfig, embed_dim: int, repeats: int = 20) -> tuple[int
     import time
 
     from cube.model import count_parameters
-    from cube.training import predict
+    from cube.eval.inference import predict
 
     model = build_model(cfg.cube, torch.zeros(embed_dim), torch.zeros(embed_dim)).eval()
     q = torch.randn(1, embed_dim)
@@ -306,9 +306,9 @@ def robustness(sweep: RunDir, cfg: TrainConfig, seeds: int, baselines_fitted, de
 
     import numpy as np
 
-    from cube.baselines import Centering
-    from cube.evaluate import score_baselines
-    from cube.training import score_held_out
+    from cube.eval.baselines import Centering
+    from cube.eval.report import score_baselines
+    from cube.eval.inference import score_held_out
 
     data = sweep.data()
     train, val, test = data.split("train"), data.held_out("val"), data.held_out("test")
@@ -327,7 +327,7 @@ def robustness(sweep: RunDir, cfg: TrainConfig, seeds: int, baselines_fitted, de
 
 
 def write_best_eval(best: RunDir, fitted) -> dict:
-    from cube.evaluate import evaluate_run
+    from cube.eval.report import evaluate_run
 
     report = evaluate_run(best.path, fitted=fitted)
     write_json(best.path / "eval.json", report)
@@ -336,9 +336,9 @@ def write_best_eval(best: RunDir, fitted) -> dict:
 
 def finish(sweep: RunDir, settings: TuneConfig, space: list[Param], results) -> dict[str, Any]:
     """Table, costs, report, the winner's run folder, its test evaluation and robustness."""
-    from cube.baselines import Centering, fit_baselines
-    from cube.evaluate import score_baselines
-    from cube.sweep_report import write_report
+    from cube.eval.baselines import Centering, fit_baselines
+    from cube.eval.report import score_baselines
+    from jobs.sweep_report import write_report
 
     base = to_dict(load_config(TrainConfig, sweep.path / "config.yaml"))
     table = trial_table(results, space, max_epochs(base, space))

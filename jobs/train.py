@@ -6,7 +6,7 @@
 
 Each worker reads its shard of the training split through Ray Data once, trains with gloo (CPU)
 or NCCL (GPU), and rank 0 reports a checkpoint every epoch. The run folder layout is described
-in cube/rundir.py; the Ray side lives in jobs/trainer.py.
+in cube/data/rundir.py; the Ray side lives in jobs/trainer.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cube.evaluate import format_report
+from cube.eval.report import format_report
 from cube.job_config import TrainConfig
-from cube.storage import LOG, Storage
+from cube.data.storage import LOG, Storage
 from jobs.common import add_config_flags, config_from_args, run_main, setup_logging
 from jobs.trainer import train
 

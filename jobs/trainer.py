@@ -2,7 +2,7 @@
 
     prepare_run: validate + split + embed (cached) the data, write the run folder's inputs
     fit_run:     a TorchTrainer (DDP: gloo on CPU, NCCL on GPU) whose workers each train on a
-                 shard of the split with cube.training.fit
+                 shard of the split with cube.train.loop.fit
     train:       both, then the held-out comparison (eval.json) and the curves
 
 Everything a Ray worker runs lives in this importable module, never in an entrypoint that may
@@ -21,15 +21,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cube.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
+from cube.train.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.config import from_dict, load_config, save_config, to_dict
-from cube.data import DataError, load_qa, split_pairs
-from cube.evaluate import evaluate_run
+from cube.data.qa import DataError, load_qa, split_pairs
+from cube.eval.report import evaluate_run
 from cube.job_config import TrainConfig
-from cube.metrics import Split
-from cube.rundir import RunDir, write_json, write_split
-from cube.storage import Storage
-from cube.training import EpochEnd, build_model, fit, lattice_kernel, peak_lr, use_cuda_graphs
+from cube.eval.metrics import Split
+from cube.data.rundir import RunDir, write_json, write_split
+from cube.data.storage import Storage
+from cube.train.loop import EpochEnd, build_model, fit
+from cube.train.optim import lattice_kernel, peak_lr, use_cuda_graphs
 from jobs.common import ensure_ray, require_resources, setup_logging
 from jobs.embedding import embed_pairs
 
@@ -210,15 +211,15 @@ def fit_run(run: RunDir, cfg: TrainConfig, storage: str) -> None:
 def train(data_path: Path | None, target: str | Path, cfg: TrainConfig | None, resume: bool = False) -> dict:
     """Train into `target` (fresh) or continue it (`resume`); returns the held-out report.
 
-    `target` is a folder or a storage URI (cube/storage.py): with a URI the run is staged in a
+    `target` is a folder or a storage URI (cube/data/storage.py): with a URI the run is staged in a
     local folder and copied to the URI at the end, also when training fails, so that `--resume
     URI` from any machine finds its config, split and metrics.
 
     Raises:
         RunError: `resume` on a folder that is not a run, or a fresh run into an existing one.
     """
-    from cube.plots import plot_curves
-    from cube.rundir import RunError
+    from cube.eval.plots import plot_curves
+    from cube.data.rundir import RunError
 
     store = Storage.of(target)
     run = RunDir(store.local)

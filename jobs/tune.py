@@ -23,11 +23,11 @@ import logging
 import os
 from pathlib import Path
 
-from cube.evaluate import format_report
+from cube.eval.report import format_report
 from cube.job_config import TrainConfig, TuneConfig
-from cube.rundir import RunDir, RunError
-from cube.search_space import load_space
-from cube.storage import LOG, Storage
+from cube.data.rundir import RunDir, RunError
+from jobs.search_space import load_space
+from cube.data.storage import LOG, Storage
 from jobs.common import add_config_flags, config_from_args, ensure_ray, run_main, setup_logging
 
 log = logging.getLogger("cube.tune")

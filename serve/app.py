@@ -19,9 +19,9 @@ from typing import Any
 from ray import serve
 
 from cube.config import to_dict
-from cube.rundir import RunDir
-from cube.storage import Storage, is_uri
-from cube.teacher import TeacherConfig
+from cube.data.rundir import RunDir
+from cube.data.storage import Storage, is_uri
+from cube.teachers import TeacherConfig
 from serve.bank import prepare_extra_answers
 from serve.embedder import TeacherEmbedder
 from serve.generator import Generator

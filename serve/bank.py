@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cube import store
-from cube.answering import AnswerBank
-from cube.data import DataError, iter_records
-from cube.rundir import RunDir
-from cube.teacher import TeacherConfig
+from cube.data import store
+from cube.eval.answering import AnswerBank
+from cube.data.qa import DataError, iter_records
+from cube.data.rundir import RunDir
+from cube.teachers import TeacherConfig
 
 log = logging.getLogger("cube.serve")
 ANSWER_COLUMN = "answer"

@@ -1,6 +1,6 @@
 """TeacherEmbedder: texts → teacher embeddings, dynamically batched.
 
-The teacher is loaded with `cube.teacher.load_teacher`, the same function training uses, so any
+The teacher is loaded with `cube.teachers.load_teacher`, the same function training uses, so any
 backend (transformers on CPU or GPU, vLLM) serves. The forward pass runs on one worker thread,
 off the replica's event loop, so requests keep arriving (and batches keep filling) meanwhile.
 """
@@ -16,7 +16,7 @@ import torch
 from ray import serve
 
 from cube.config import from_dict
-from cube.teacher import TeacherConfig, load_teacher
+from cube.teachers import TeacherConfig, load_teacher
 from serve.batching import BusyGate
 from serve.pipeline import Embedded, teacher_key
 from serve.settings import REPLICA_CPUS, DeploymentSettings

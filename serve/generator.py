@@ -16,8 +16,8 @@ import torch
 from ray import serve
 
 from cube.config import from_dict
-from cube.generate import AnswerWriter, GeneratorConfig
-from cube.teacher import TeacherConfig, TeacherError
+from cube.teachers.generate import AnswerWriter, GeneratorConfig
+from cube.teachers import TeacherConfig, TeacherError
 from serve.settings import REPLICA_CPUS, DeploymentSettings
 
 ENCODERS = {"minilm": "minilm (all-MiniLM-L6-v2) is a sentence encoder, not a causal language model: it cannot generate"}

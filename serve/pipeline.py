@@ -16,12 +16,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from cube.answering import Answer, as_tensor, lattice_activity
-from cube.checkpoint import load_checkpoint
-from cube.rundir import RunDir
-from cube.storage import Storage
-from cube.teacher import load_teacher
-from cube.training import predict
+from cube.eval.answering import Answer, as_tensor, lattice_activity
+from cube.train.checkpoint import load_checkpoint
+from cube.data.rundir import RunDir
+from cube.data.storage import Storage
+from cube.teachers import load_teacher
+from cube.eval.inference import predict
 from serve.bank import load_bank
 
 

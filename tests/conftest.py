@@ -116,7 +116,7 @@ def qa_sample(tmp_path_factory) -> Path:
     """Every third pair of the shipped data (479 pairs, all 24 topics, "Why is the sky blue?"
     among them): the integration tier's data. A third of the whole file's cost in embedding,
     training and fitting the baselines; `cube demo` and tests/test_data.py use the whole file."""
-    from cube.data import SHIPPED_DATASET, load_qa
+    from cube.data.qa import SHIPPED_DATASET, load_qa
 
     path = tmp_path_factory.mktemp("data") / "qa_sample.jsonl"
     load_qa(SHIPPED_DATASET).iloc[2::3][["question", "answer", "topic"]].to_json(path, orient="records", lines=True)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from cube.baselines import MLPRecipe, Centering, fit_baselines, mlp
-from cube.evaluate import baseline_report
-from cube.metrics import HeldOut, Split, retrieval_metrics
-from cube.teacher import Teacher, TeacherConfig, TeacherError, resolve_source
+from cube.eval.baselines import MLPRecipe, Centering, fit_baselines, mlp
+from cube.eval.report import baseline_report
+from cube.eval.metrics import HeldOut, Split, retrieval_metrics
+from cube.teachers import HFTeacher, TeacherConfig, TeacherError, resolve_source
 
 
 def linear_task(n, dim=16, seed=0):
@@ -53,7 +53,7 @@ def test_mlp_learns_a_nonlinear_map_picks_its_epochs_on_val_and_averages_seeds()
 
 
 def test_bundled_minilm_embeds_locally():
-    teacher = Teacher(TeacherConfig(name="minilm", max_length=16))
+    teacher = HFTeacher(TeacherConfig(name="minilm", max_length=16))
     out = teacher.embed(["Why is the sky blue?", "Rayleigh scattering favours short wavelengths.",
                          "How do I bake bread? " * 20])
     assert out.vectors.shape == (3, 384)

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from cube.data import SHIPPED_DATASET, DataConfig, DataError, load_qa, split_pairs
+from cube.data.qa import SHIPPED_DATASET, DataConfig, DataError, load_qa, split_pairs
 
 
 def write_jsonl(path, rows):

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
-from cube import store
-from cube.data import SHIPPED_DATASET, load_qa, text_id
+from cube.data import store
+from cube.data.qa import SHIPPED_DATASET, load_qa, text_id
 
 pytestmark = pytest.mark.ray
 

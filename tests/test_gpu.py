@@ -1,5 +1,5 @@
 """GPU tier: the cube on CUDA, with bf16 and fp16 autocast, and the graphed training step
-(cube/graph_step.py) against the eager one. Skips cleanly without a GPU.
+(cube/train/graph_step.py) against the eager one. Skips cleanly without a GPU.
 
 Run on a GPU box with `pytest tests/test_gpu.py` (the cube library needs no Ray, so this
 runs where Ray is not installed).
@@ -8,9 +8,10 @@ runs where Ray is not installed).
 import pytest
 import torch
 
-from cube.losses import LossConfig
+from cube.train.losses import LossConfig
 from cube.model import CellularCube, CubeConfig
-from cube.training import OptimConfig, make_optimizer, train_epoch
+from cube.train.loop import train_epoch
+from cube.train.optim import OptimConfig, make_optimizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CFG = CubeConfig(fire_rate=1.0)
@@ -51,7 +52,7 @@ def test_mixed_precision_training_reduces_loss(precision):
     assert last["loss/total"] < first["loss/total"]
 
 
-# --- the graphed fast path (cube/graph_step.py) against the eager step ----------------------
+# --- the graphed fast path (cube/train/graph_step.py) against the eager step ----------------------
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_graphed_step_matches_eager_fp32(strict_fp32, kernel, compile_step):
     """Default cube with step jitter (five graphs, replayed in random order), fire_rate 1:
     same losses, gradient norms and weights as train_epoch (conv3d, eager), step by step,
     whichever lattice kernel the graphed step computes the conv with."""
-    from cube.graph_step import GraphedCubeStep
+    from cube.train.graph_step import GraphedCubeStep
 
     cfg = CubeConfig(fire_rate=1.0)
     optim = OptimConfig(epochs=1, lr=3e-3, warmup_fraction=0.3)
@@ -110,7 +111,7 @@ def test_graphed_step_matches_eager_fp32(strict_fp32, kernel, compile_step):
 
 @pytest.mark.parametrize("kernel", ["conv3d", "conv2d", "im2col"])
 def test_graphed_step_bf16_trains(kernel):
-    from cube.graph_step import GraphedCubeStep
+    from cube.train.graph_step import GraphedCubeStep
 
     torch.manual_seed(0)
     model = CellularCube(CubeConfig(), 64).cuda()  # default cube: fire 0.75, jitter 4
@@ -123,7 +124,7 @@ def test_graphed_step_bf16_trains(kernel):
 
 
 def test_graphed_step_refuses_replaced_optimizer_state():
-    from cube.graph_step import GraphedCubeStep
+    from cube.train.graph_step import GraphedCubeStep
 
     cfg = CubeConfig(width=5, height=5, depth=4, channels=4, hidden=8, io_channels=2, steps=3)
     fast = GraphedCubeStep(CellularCube(cfg, 64).cuda(), LossConfig(), OptimConfig(epochs=1), 32, steps_per_epoch=10)
@@ -137,8 +138,8 @@ def test_graphed_step_refuses_replaced_optimizer_state():
 def test_fit_on_cuda_takes_the_graphed_conv2d_step_and_resumes():
     """`fit` on a CUDA model with the default OptimConfig trains through the CUDA graphs with the
     conv2d kernel, learns, writes a checkpoint state that resumes to the same epochs."""
-    from cube.metrics import HeldOut, Split
-    from cube.training import build_model, fit
+    from cube.eval.metrics import HeldOut, Split
+    from cube.train.loop import build_model, fit
 
     cfg = CubeConfig(fire_rate=1.0, steps_jitter=0)  # no RNG inside the step: a resume repeats the run
     g = torch.Generator().manual_seed(0)

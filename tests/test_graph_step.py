@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cube.graph_step import GraphedCubeStep, lattice_step
-from cube.losses import LossConfig
+from cube.train.graph_step import GraphedCubeStep, lattice_step
+from cube.train.losses import LossConfig
 from cube.model import CellularCube, CubeConfig
-from cube.training import OptimConfig, make_optimizer, train_epoch
+from cube.train.loop import train_epoch
+from cube.train.optim import OptimConfig, make_optimizer
 
 TINY = CubeConfig(width=5, height=4, depth=3, channels=4, hidden=8, io_channels=2, steps=3, steps_jitter=2)
 E, B = 12, 6

@@ -16,7 +16,7 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from conftest import BIN, ROOT, free_port, submit_job
-from cube import store
+from cube.data import store
 
 pytestmark = pytest.mark.ray
 

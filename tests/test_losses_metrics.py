@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from cube.losses import LossConfig, cube_loss, dialogue_loss, internal_loss, surface_loss
-from cube.metrics import chance_metrics, ranks, retrieval_metrics
+from cube.train.losses import LossConfig, cube_loss, dialogue_loss, internal_loss, surface_loss
+from cube.eval.metrics import chance_metrics, ranks, retrieval_metrics
 from cube.model import CellularCube, CubeConfig
 
 

@@ -29,7 +29,7 @@ import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from conftest import ROOT, Cluster, free_port, submit_job
-from cube import store
+from cube.data import store
 from jobs.cluster import node_processes, port_is_free
 
 pytestmark = pytest.mark.ray

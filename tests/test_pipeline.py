@@ -17,9 +17,9 @@ import pytest
 import requests
 
 from conftest import ROOT, free_port
-from cube import store
-from cube.data import text_id
-from cube.teacher import Teacher, TeacherConfig
+from cube.data import store
+from cube.data.qa import text_id
+from cube.teachers import HFTeacher, TeacherConfig
 
 pytestmark = pytest.mark.ray
 
@@ -45,7 +45,7 @@ def test_embedding_stage_writes_a_resumable_parquet_store(ray_cluster, tmp_path)
     assert json.loads(table.schema.metadata[store.TEACHER_KEY]) == teacher.identity()
     # the vectors are the teacher's own: same as embedding in this process
     got = store.lookup(folder, [text_id(texts[0])])[text_id(texts[0])]
-    np.testing.assert_allclose(got, Teacher(teacher).embed([texts[0]]).vectors[0], atol=1e-5)
+    np.testing.assert_allclose(got, HFTeacher(teacher).embed([texts[0]]).vectors[0], atol=1e-5)
 
 
 def test_training_beats_mean_answer_and_loss_falls(trained_run):
@@ -82,8 +82,8 @@ def test_eval_json_shape(trained_run):
 
 
 def test_eval_on_another_file_uses_every_row(trained_run):
-    from cube.evaluate import evaluate_run
-    from cube.rundir import RunDir
+    from cube.eval.report import evaluate_run
+    from cube.data.rundir import RunDir
     from jobs.eval import held_out_file
 
     run, _ = trained_run

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import ROOT
 from cube.job_config import TrainConfig, TuneConfig
-from cube.search_space import SpaceError, load_space, trial_config
-from cube.sweep_report import importances, pareto_front, write_report
+from jobs.search_space import SpaceError, load_space, trial_config
+from jobs.sweep_report import importances, pareto_front, write_report
 
 
 def space_file(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:

@@ -60,7 +60,7 @@ def test_settings_defaults_fit_two_cores_and_reject_unknown_keys(tmp_path):
 
 
 def test_answers_file_reader(tmp_path):
-    from cube.data import DataError
+    from cube.data.qa import DataError
     from serve.bank import read_answers
 
     csv = tmp_path / "a.csv"
@@ -75,7 +75,7 @@ def test_answers_file_reader(tmp_path):
 def test_lattice_activity_is_one_grid_per_depth_layer():
     import torch
 
-    from cube.answering import lattice_activity
+    from cube.eval.answering import lattice_activity
     from cube.model import CellularCube, CubeConfig
 
     model = CellularCube(CubeConfig(width=5, height=4, depth=3, channels=4, io_channels=2, steps=3), embed_dim=8)

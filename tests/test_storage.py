@@ -1,11 +1,11 @@
-"""Run, sweep and store folders at a storage URI (cube/storage.py), without Ray: a file:// URI
+"""Run, sweep and store folders at a storage URI (cube/data/storage.py), without Ray: a file:// URI
 goes through the same pyarrow filesystem calls as s3:// or gs:// would."""
 
 from __future__ import annotations
 
 import pytest
 
-from cube.storage import LOG, Storage, StorageError, is_uri
+from cube.data.storage import LOG, Storage, StorageError, is_uri
 
 
 def test_a_plain_path_is_used_in_place(tmp_path):

@@ -4,14 +4,14 @@ bitsandbytes, teacher-written answers, and clear failures (no Ray)."""
 import numpy as np
 import pytest
 
-from cube.teacher import Teacher, TeacherConfig, TeacherError, load_teacher
+from cube.teachers import HFTeacher, TeacherConfig, TeacherError, load_teacher
 
 QUESTIONS = ["What is the capital of France?", "Why do leaves change colour in autumn?"]
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return Teacher(TeacherConfig(name="smollm2", max_length=64))
+    return HFTeacher(TeacherConfig(name="smollm2", max_length=64))
 
 
 def test_smollm2_gguf_loads_as_llama_and_embeds(smollm2):
@@ -23,7 +23,7 @@ def test_smollm2_gguf_loads_as_llama_and_embeds(smollm2):
 
 
 def test_last_token_pooling_differs_from_mean(smollm2):
-    last = Teacher.__new__(Teacher)
+    last = HFTeacher.__new__(HFTeacher)
     last.__dict__.update(smollm2.__dict__, cfg=TeacherConfig(name="smollm2", pooling="last", max_length=64))
     mean_vec, last_vec = smollm2.embed(QUESTIONS).vectors, last.embed(QUESTIONS).vectors
     assert (mean_vec * last_vec).sum(1).max() < 0.99
@@ -33,14 +33,14 @@ def test_last_token_pooling_differs_from_mean(smollm2):
 
 @pytest.mark.parametrize("mode", ["8bit", "4bit"])
 def test_quantised_smollm2_embeds_close_to_fp32(smollm2, mode):
-    quant = Teacher(TeacherConfig(name="smollm2", max_length=64, quantize=mode))
+    quant = HFTeacher(TeacherConfig(name="smollm2", max_length=64, quantize=mode))
     assert quant.model.get_memory_footprint() < 0.7 * smollm2.model.get_memory_footprint()
     cos = (quant.embed(QUESTIONS).vectors * smollm2.embed(QUESTIONS).vectors).sum(1)
     assert cos.min() > 0.9, cos
 
 
 def test_teacher_written_answer():
-    from cube.generate import AnswerWriter, GeneratorConfig
+    from cube.teachers.generate import AnswerWriter, GeneratorConfig
 
     writer = AnswerWriter(GeneratorConfig(name="smollm2", max_new_tokens=24))
     answers = writer.answer(QUESTIONS[:1])
@@ -57,9 +57,9 @@ def test_broken_gguf_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(TeacherError, match="did not load"):
-        Teacher(TeacherConfig(name=str(bad)))
+        HFTeacher(TeacherConfig(name=str(bad)))
 
 
 def test_missing_gguf_file(tmp_path):
     with pytest.raises(TeacherError, match="does not exist"):
-        Teacher(TeacherConfig(name=str(tmp_path / "nope.gguf")))
+        HFTeacher(TeacherConfig(name=str(tmp_path / "nope.gguf")))

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from cube.losses import LossConfig
+from cube.train.losses import LossConfig
 from cube.model import CellularCube, CubeConfig
-from cube.training import OptimConfig, Progress, make_optimizer, score, train_epoch
+from cube.eval.inference import score
+from cube.train.loop import Progress, train_epoch
+from cube.train.optim import OptimConfig, make_optimizer
 
 CFG = CubeConfig(width=6, height=6, depth=4, channels=6, hidden=16, io_channels=2, steps=4, fire_rate=1.0)
 
@@ -67,7 +69,7 @@ def test_early_stopping_patience():
 
 
 def test_morans_i_separates_smooth_fields_from_noise():
-    from cube.analysis import morans_i
+    from cube.eval.analysis import morans_i
 
     z, y, x = torch.meshgrid(torch.arange(6.0), torch.arange(8.0), torch.arange(8.0), indexing="ij")
     smooth = (z + y + x)[None]
@@ -77,7 +79,7 @@ def test_morans_i_separates_smooth_fields_from_noise():
 
 
 def test_learning_rate_scales_with_the_global_batch():
-    from cube.training import peak_lr
+    from cube.train.optim import peak_lr
 
     cfg = OptimConfig(lr=1e-3, batch_size=32)
     assert peak_lr(cfg, world_size=1) == pytest.approx(1e-3)
@@ -93,10 +95,10 @@ def test_learning_rate_scales_with_the_global_batch():
 
 
 def fit_run(graphed: bool, epochs: int = 3, state=None, model_state=None, cfg: CubeConfig = CFG):
-    """`cube.training.fit` on the linear-map task; returns each epoch's metrics and the
+    """`cube.train.loop.fit` on the linear-map task; returns each epoch's metrics and the
     (weights, training state) after each epoch, as a checkpoint would hold them."""
-    from cube.metrics import HeldOut, Split
-    from cube.training import build_model, fit
+    from cube.eval.metrics import HeldOut, Split
+    from cube.train.loop import build_model, fit
 
     q, a = task(192)
     qv, av = task(48, seed=2)
@@ -129,7 +131,7 @@ def test_graphed_fit_trains_as_the_eager_fit():
 def test_fit_resumes_across_step_kinds(first, then, tmp_path):
     """A checkpoint after epoch 1, through the files a run writes, continues to the uninterrupted
     run's epochs 2 and 3, whether the graphed step or train_epoch wrote it and either resumes it."""
-    from cube.checkpoint import load_train_state, save_train_state
+    from cube.train.checkpoint import load_train_state, save_train_state
 
     whole = fit_run(first)
     _, weights, state = whole[0]
@@ -143,8 +145,8 @@ def test_fit_resumes_across_step_kinds(first, then, tmp_path):
 
 
 def test_cuda_graphs_refusals_name_the_setting():
-    from cube.metrics import HeldOut, Split
-    from cube.training import build_model, fit
+    from cube.eval.metrics import HeldOut, Split
+    from cube.train.loop import build_model, fit
 
     q, a = task(64)
     model = build_model(CFG, q.mean(0), a.mean(0))

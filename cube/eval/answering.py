@@ -12,9 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cube.analysis import final_state
+from cube.eval.inference import final_state, predict
 from cube.model import CellularCube
-from cube.training import predict
 
 
 @dataclass

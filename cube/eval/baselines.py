@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cube.metrics import HeldOut, Split, retrieval_metrics
+from cube.eval.metrics import HeldOut, Split, retrieval_metrics
 
 Space = Literal["raw", "centred"]
 MLP_EPOCH_GRID = (20, 40, 60, 80)  # snapshots of one constant-rate run; the best mean val MRR wins

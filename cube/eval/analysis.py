@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cube.evaluate import HeldOut
+from cube.eval.metrics import HeldOut
 from cube.model import CellularCube
-from cube.training import score
+from cube.eval.inference import final_state, score
 
 
 @dataclass
@@ -29,12 +29,6 @@ class Analysis:
     layer_ablation: np.ndarray  # (D,) MRR with that depth layer's update frozen
     stability: dict  # {"T": ..., "2T": ..., "4T": ...} → MRR and back-face drift
     damage: dict  # MRR with and without a zeroed 3×3×3 block
-
-
-@torch.no_grad()
-def final_state(model: CellularCube, q: torch.Tensor, **kwargs) -> torch.Tensor:
-    front = model.encode_face(q - model.q_mean)
-    return model.run_lattice(front, **kwargs)[0]  # (B, C, D, H, W)
 
 
 def mrr(model: CellularCube, data: HeldOut, **lattice_kwargs) -> float:

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 SPLITS = ("train", "val", "test")
-SHIPPED_DATASET = Path(__file__).resolve().parent.parent / "data" / "qa.jsonl"
+SHIPPED_DATASET = Path(__file__).resolve().parents[2] / "data" / "qa.jsonl"
 
 
 class DataError(ValueError):

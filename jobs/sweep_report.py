@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cube.search_space import Param
+from jobs.search_space import Param
 
 COLUMNS = ["trial_id", "status", "val_mrr", "val_recall_at_1", "val_cos", "best_epoch", "epochs_run", "params",
            "latency_ms", "error"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cube.cache import cache_dir
+from cube.data.cache import cache_dir
 
 RAY_SUBDIR = "ray"  # Ray Train's / Tune's own storage inside a run or sweep folder
 LOG = "ray.log"  # the job's own log, open while the job runs

@@ -23,9 +23,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cube.metrics import HeldOut, Split
+from cube.eval.metrics import HeldOut, Split
 from cube.config import from_dict
-from cube.teacher import TeacherConfig
+from cube.teachers import TeacherConfig
 
 import torch
 

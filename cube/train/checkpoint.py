@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from cube.config import from_dict
 from cube.model import CellularCube, CubeConfig
-from cube.training import EpochEnd
+from cube.train.loop import EpochEnd
 
 FORMAT_VERSION = 1
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cube.teacher import TeacherConfig, TeacherError, load_hf
+from cube.teachers import TeacherConfig, TeacherError, load_hf
 
 
 @dataclass(frozen=True)

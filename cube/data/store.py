@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cube.cache import cache_dir
+from cube.data.cache import cache_dir
 
 TEACHER_KEY = b"cube.teacher"
 

@@ -3,7 +3,7 @@
 At batch 32 an eager step is ~13 ms of Python and kernel launches for a few ms of GPU work.
 `GraphedCubeStep` records the whole step (forward, loss, backward, grad clipping, AdamW)
 once per lattice step count and replays it with one launch. The maths is
-`cube.training.train_epoch`'s inner loop: `cube_loss` with a `LossConfig`, clipping to
+`cube.train.loop.train_epoch`'s inner loop: `cube_loss` with a `LossConfig`, clipping to
 `OptimConfig.grad_clip`, autocast per `OptimConfig.precision`, AdamW with the
 hyperparameters and LR schedule of `make_optimizer`.
 
@@ -42,9 +42,9 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from cube.losses import LossConfig, cube_loss
+from cube.train.losses import LossConfig, cube_loss
 from cube.model import CellularCube, CubeOutput, LatticeKernel
-from cube.training import OptimConfig, make_optimizer, restore_training_state
+from cube.train.optim import OptimConfig, make_optimizer, restore_training_state
 
 TERMS = ("total", "dialogue", "surface", "internal", "grad_norm")
 
@@ -107,7 +107,7 @@ class GraphedCubeStep:
         self.device = model.q_mean.device
         if capture and self.device.type != "cuda":
             raise ValueError(f"capture=True needs the model on a CUDA device, it is on {self.device}; "
-                             "pass capture=False to run the same step eagerly, or use cube.training.train_epoch")
+                             "pass capture=False to run the same step eagerly, or use cube.train.loop.train_epoch")
         if batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (InfoNCE needs negatives), got {batch_size}")
         self.model, self.loss_cfg, self.optim_cfg = model.train(), loss_cfg, optim_cfg
@@ -229,7 +229,7 @@ class GraphedCubeStep:
         return self._last[0]
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Continue from a checkpoint's training state (`cube.training.training_state`'s format,
+        """Continue from a checkpoint's training state (`cube.train.optim.training_state`'s format,
         from this step or from train_epoch's optimiser); only before the first step."""
         if self._graphs:
             raise RuntimeError("restore() must come before the first step: the graphs already read the old state")

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from cube.baselines import Centering, Predictor, fit_baselines
-from cube.metrics import METRICS, HeldOut, Split, chance_metrics, retrieval_metrics
-from cube.checkpoint import load_checkpoint
+from cube.eval.baselines import Centering, Predictor, fit_baselines
+from cube.eval.metrics import METRICS, HeldOut, Split, chance_metrics, retrieval_metrics
+from cube.train.checkpoint import load_checkpoint
 from cube.config import load_config
 from cube.job_config import TrainConfig
 from cube.model import CellularCube, count_parameters
-from cube.rundir import RunDir
-from cube.training import predict
+from cube.data.rundir import RunDir
+from cube.eval.inference import predict
 
 __all__ = ["HeldOut", "baseline_report", "compare", "evaluate_run", "format_report", "score_baselines"]
 

@@ -14,7 +14,7 @@ import importlib.util
 import numpy as np
 import torch
 
-from cube.teacher import Embeddings, TeacherConfig, TeacherError, resolve_source
+from cube.teachers import Embeddings, TeacherConfig, TeacherError, resolve_source
 
 
 def check_vllm_available() -> None:

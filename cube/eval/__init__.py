@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics, predictions of a trained cube, the baselines, the comparison report and analysis."""

@@ -1,0 +1,7 @@
+"""The cellular cube: its config, its shared update rule and the lattice between two adapters."""
+
+from cube.model.config import CubeConfig
+from cube.model.cube import CellularCube, CubeOutput, count_parameters
+from cube.model.rule import KERNELS, LatticeKernel, UpdateRule
+
+__all__ = ["KERNELS", "CellularCube", "CubeConfig", "CubeOutput", "LatticeKernel", "UpdateRule", "count_parameters"]

@@ -1,0 +1,147 @@
+"""The optimiser side of training: its config, AdamW with warm-up and cosine decay, the
+learning rate's scaling with the global batch, how the step runs (kernel, CUDA graphs,
+precision), and the optimiser/scheduler/RNG state that checkpoints carry."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from cube.model import KERNELS, CubeConfig, LatticeKernel
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 8
+    batch_size: int = 32  # per worker; InfoNCE negatives come from the same batch
+    lr: float = 1e-3  # peak rate at a global batch of lr_reference_batch
+    # The rate is scaled linearly with the global batch (workers × batch_size) against this
+    # reference (Goyal et al. 2017); 0 turns scaling off. Measured: 2 workers × 32 at the
+    # unscaled 1e-3 undertrain in 8 epochs (5-seed test MRR 0.922 vs 0.939 at 2e-3).
+    lr_reference_batch: int = 32
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05  # of all optimiser steps
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 uses a grad scaler (GPU only)
+    patience: int = 0  # epochs without a better val MRR before stopping early; 0 = never stop
+    # How the step runs; none of these changes the maths (docs/gpu.md has the measurements).
+    # kernel: the lattice conv (cube.model.KERNELS); auto = conv2d on CUDA (1.4-2.2x conv3d on an
+    # H100), conv3d elsewhere (the CPU's fastest).
+    kernel: Literal["auto", "conv3d", "conv2d", "im2col"] = "auto"
+    # cuda_graphs: capture the whole step (cube/graph_step.py); auto = on for one CUDA worker in
+    # fp32 or bf16, off otherwise (DDP, CPU, fp16); on = refuse to train without them.
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False  # also torch.compile each lattice step (needs CUDA graphs and Triton; ~1 min to compile)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(f"need epochs >= 1 and batch_size >= 2 (InfoNCE needs negatives), got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0 or self.lr_reference_batch < 0:
+            raise ValueError(f"need lr > 0 and lr_reference_batch >= 0, got {self.lr}, {self.lr_reference_batch}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.kernel not in ("auto", *KERNELS):
+            raise ValueError(f"kernel must be auto or one of {KERNELS}, got {self.kernel!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
+        if self.compile and self.cuda_graphs == "off":
+            raise ValueError("compile=true compiles the CUDA-graph step; it needs cuda_graphs auto or on")
+
+
+def peak_lr(cfg: OptimConfig, world_size: int = 1) -> float:
+    """`cfg.lr` scaled linearly to the global batch of `world_size` workers."""
+    if not cfg.lr_reference_batch:
+        return cfg.lr
+    return cfg.lr * world_size * cfg.batch_size / cfg.lr_reference_batch
+
+
+def make_optimizer(
+    model: nn.Module, cfg: OptimConfig, steps_per_epoch: int, world_size: int = 1,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr(cfg, world_size), weight_decay=cfg.weight_decay)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_fraction * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def lattice_kernel(cfg: OptimConfig, cube: CubeConfig, device: torch.device) -> LatticeKernel:
+    """`cfg.kernel` with auto resolved: conv2d on CUDA for the learned perception, else conv3d."""
+    if cfg.kernel != "auto":
+        return cfg.kernel
+    return "conv2d" if device.type == "cuda" and cube.perception == "learned" else "conv3d"
+
+
+def use_cuda_graphs(cfg: OptimConfig, device: torch.device, world_size: int) -> bool:
+    """`cfg.cuda_graphs` with auto resolved; `on` where graphs cannot run is an error, not a fallback."""
+    if cfg.cuda_graphs == "off":
+        return False
+    blockers = [why for blocked, why in (
+        (device.type != "cuda", f"the model is on {device.type}, not a CUDA GPU"),
+        (world_size > 1, f"{world_size} DDP workers (a graphed step trains in one process)"),
+        (cfg.precision == "fp16", "precision fp16 (its GradScaler syncs with the host; use bf16)"),
+    ) if blocked]
+    if blockers and (cfg.cuda_graphs == "on" or cfg.compile):
+        setting = "optim.compile=true" if cfg.compile else "optim.cuda_graphs=on"
+        raise ValueError(f"{setting} needs the CUDA-graph step, which cannot run here: {'; '.join(blockers)}. "
+                         "Set optim.cuda_graphs=auto (or off) and optim.compile=false")
+    return not blockers
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision=fp16 needs a CUDA GPU; use bf16 on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def training_state(opt: torch.optim.Optimizer, sched: Any, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimiser, scheduler and RNG state split into tensors (safetensors) and JSON."""
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:  # the graphed step's rate is a device tensor; JSON wants a number
+        group["lr"] = float(group["lr"])
+    tensors = {f"opt.{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"param_groups": sd["param_groups"], "scheduler": sched.state_dict(), **extra}
+    return tensors, meta
+
+
+IMPLEMENTATION_FLAGS = ("capturable", "foreach", "fused", "differentiable")
+
+
+def restore_training_state(opt: torch.optim.Optimizer, sched: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    # The saved hyperparameters, with this optimiser's implementation flags: a checkpoint of the
+    # graphed step (capturable AdamW) resumes eagerly and the other way round.
+    groups = [{**saved, **{k: live[k] for k in IMPLEMENTATION_FLAGS if k in live}}
+              for saved, live in zip(meta["param_groups"], opt.param_groups)]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    sched.load_state_dict(meta["scheduler"])
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # the rate of the next step, whoever saved it
+        if not torch.is_tensor(group["lr"]):
+            group["lr"] = lr
+    torch.set_rng_state(tensors["rng.torch"])
