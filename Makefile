@@ -31,8 +31,10 @@ browser:
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
 	  || echo "note: /usr/bin/chromium is missing and could not be installed; the browser test will be skipped (apt-get install chromium)"
 
+# ruff first (seconds), then the suite; the last line says how long it all took.
 test: setup browser
-	$(BIN)/python -m pytest -q --durations=15
+	@start=$$(date +%s); $(BIN)/ruff check . && $(BIN)/python -m pytest -q --durations=15; rc=$$?; \
+	  echo "make test: $$(( $$(date +%s) - start )) s"; exit $$rc
 
 clean:
 	rm -rf runs .pytest_cache

@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cube.eval.baselines import Centering, fit_baselines
 from cube.config import to_dict
+from cube.data.rundir import read_split
+from cube.eval.baselines import Centering, fit_baselines
+from cube.eval.inference import score_held_out
 from cube.eval.report import score_baselines
 from cube.job_config import TrainConfig
 from cube.model import count_parameters
-from cube.data.rundir import read_split
-from jobs.search_space import trial_config
-from cube.eval.inference import score_held_out
 from cube.train.loop import build_model, fit
+from jobs.search_space import trial_config
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -79,7 +79,9 @@ def baselines(path: str, seeds: int) -> dict[str, dict[str, float]]:
     train = splits["train"]
     fitted = fit_baselines(train, splits["val"], seeds=seeds)
     c = Centering.fit(train)
-    return {s: {k: v["mrr"] for k, v in score_baselines(fitted, c, splits[s])["baselines"].items()} for s in ("val", "test")}
+    return {
+        s: {k: v["mrr"] for k, v in score_baselines(fitted, c, splits[s])["baselines"].items()} for s in ("val", "test")
+    }
 
 
 def summarise(rows: list[dict], base: dict[str, dict]) -> str:
@@ -87,9 +89,16 @@ def summarise(rows: list[dict], base: dict[str, dict]) -> str:
     for path in dict.fromkeys(r["split"] for r in rows):
         b = base[path]
         best = max(b["val"], key=b["val"].get)  # chosen on val, like everything else
-        lines += ["", f"## {path}", "", f"best baseline on val: {best} (val {b['val'][best]:.3f}, test {b['test'][best]:.3f}); "
-                  "test: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["test"].items(), key=lambda kv: -kv[1])), "",
-                  f"| variant | val MRR | test MRR | test − best baseline | test at 2T | params | s/run |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {path}",
+            "",
+            f"best baseline on val: {best} (val {b['val'][best]:.3f}, test {b['test'][best]:.3f}); "
+            "test: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["test"].items(), key=lambda kv: -kv[1])),
+            "",
+            "| variant | val MRR | test MRR | test − best baseline | test at 2T | params | s/run |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name in dict.fromkeys(r["variant"] for r in rows):
             rs = [r for r in rows if r["split"] == path and r["variant"] == name]
             if not rs:
@@ -111,7 +120,9 @@ def main() -> None:
                    help="an ad-hoc variant, e.g. --set 'lr3e-3:optim.lr=0.003'")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (processes sharing the device)")
     p.add_argument("--json", help="also write the raw results here")
-    p.add_argument("--no-baselines", action="store_true", help="only the cube runs (fit the baselines later, elsewhere)")
+    p.add_argument(
+        "--no-baselines", action="store_true", help="only the cube runs (fit the baselines later, elsewhere)"
+    )
     p.add_argument("--from-json", nargs="+", help="summarise runs saved with --json (their splits must be here)")
     args = p.parse_args()
     variants = {v: VARIANTS[v] for v in args.variants.split(",") if v}

@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from cube.train.losses import LossConfig
 from cube.model import KERNELS, CellularCube, CubeConfig
 from cube.train.loop import train_epoch
+from cube.train.losses import LossConfig
 from cube.train.optim import OptimConfig, make_optimizer
 
 
@@ -79,7 +79,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=4, help="timed optimiser steps per variant")
     p.add_argument("--hidden", type=int, default=None, help="override the cube's hidden width")
-    p.add_argument("--repeats", type=int, default=3, help="rounds over all variants, interleaved; the best round counts")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds over all variants, interleaved; the best round counts"
+    )
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="time the bf16 autocast step too (default: on CUDA only; a CPU without bf16 units takes "
                         "minutes per step there)")
@@ -108,7 +110,9 @@ def main() -> None:
         ref = bf16_peak if precision == "bf16" else fp32_peak
         print(f"{name:<30} {flops / 1e9:>9,.1f} GFLOP/s  {samples:>8,.1f} samples/s  "
               f"ratio to {'bf16' if precision == 'bf16' else 'fp32'} matmul {flops / ref:.2f}")
-    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     print(f"peak memory {peak:,.0f} MiB ({'GPU allocated' if gpu else 'process RSS'})")
 
 

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import torch
 
 from cube.data.qa import SHIPPED_DATASET, load_qa
-from cube.teachers import HFTeacher, TeacherConfig
 from cube.job_config import PipelineOptions
+from cube.teachers import HFTeacher, TeacherConfig
 from jobs.embedding import embed_texts
 
 
@@ -68,7 +68,9 @@ def main() -> None:
     p.add_argument("--teacher", default="minilm")
     p.add_argument("--actors", type=int, default=1)
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each actor reserves from Ray")
-    p.add_argument("--threads-per-actor", type=int, default=0, help="torch threads per actor (0 = auto, as in cube embed)")
+    p.add_argument(
+        "--threads-per-actor", type=int, default=0, help="torch threads per actor (0 = auto, as in cube embed)"
+    )
     args = p.parse_args()
     import ray
 

@@ -31,17 +31,23 @@ EMBED = 576
 
 def train(rank: int, args: argparse.Namespace, barrier, results) -> None:
     """One trial: build, capture, wait for the others, train for args.seconds, report."""
+    from cube.model import CellularCube, CubeConfig
     from cube.train.graph_step import GraphedCubeStep, fast_backends
     from cube.train.losses import LossConfig
-    from cube.model import CellularCube, CubeConfig
     from cube.train.optim import OptimConfig
 
     try:
         cuda = args.device == "cuda"
         if cuda:
             fast_backends()
-        cfg = CubeConfig(width=5, height=5, depth=4, channels=4, hidden=8, io_channels=2, steps=3) if args.tiny else CubeConfig()
-        optim = replace(OptimConfig(epochs=1), **{k: v for k, v in (("batch_size", args.batch), ("precision", args.precision)) if v})
+        cfg = (
+            CubeConfig(width=5, height=5, depth=4, channels=4, hidden=8, io_channels=2, steps=3)
+            if args.tiny
+            else CubeConfig()
+        )
+        optim = replace(
+            OptimConfig(epochs=1), **{k: v for k, v in (("batch_size", args.batch), ("precision", args.precision)) if v}
+        )
         torch.manual_seed(rank)
         model = CellularCube(cfg, EMBED).to(args.device)
         step = GraphedCubeStep(model, LossConfig(), optim, optim.batch_size, 10**6, kernel=args.kernel, capture=cuda)
@@ -109,8 +115,11 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA GPU here; use --device cpu for a smoke test")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"{name}: N processes share it, each GraphedCubeStep (default cube and step jitter, batch "
-          f"{args.batch or 'default'}, {args.precision or 'default precision'}), {args.seconds:.0f} s window", flush=True)
+    print(
+        f"{name}: N processes share it, each GraphedCubeStep (default cube and step jitter, batch "
+        f"{args.batch or 'default'}, {args.precision or 'default precision'}), {args.seconds:.0f} s window",
+        flush=True,
+    )
     print(f"{'N':>3} {'aggregate samples/s':>20} {'per process':>12} {'vs N=1':>7}  gpus-per-trial")
     single = None
     for n in args.procs:

@@ -20,9 +20,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.gpu_step import EMBED, LONG_RUN, TINY
+from cube.model import KERNELS, CellularCube, CubeConfig
 from cube.train.graph_step import GraphedCubeStep, fast_backends
 from cube.train.losses import LossConfig
-from cube.model import KERNELS, CellularCube, CubeConfig
 from cube.train.optim import OptimConfig
 
 
@@ -61,7 +61,9 @@ def main() -> None:
             step.step(*next(batches))
         if args.device == "cuda":
             torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if (e.device_time_total if args.device == "cuda" else e.self_cpu_time_total) > 0]
+    events = [
+        e for e in prof.key_averages() if (e.device_time_total if args.device == "cuda" else e.self_cpu_time_total) > 0
+    ]
     time_of = (lambda e: e.device_time_total) if args.device == "cuda" else (lambda e: e.self_cpu_time_total)
     if args.device == "cuda":  # device kernels only: their times add up to the step
         events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -71,7 +73,10 @@ def main() -> None:
           f"{total / args.steps / 1e3:.2f} ms of {'GPU' if args.device == 'cuda' else 'CPU'} time per training step, "
           f"{sum(e.count for e in events) // args.steps} kernels per step")
     for e in events[: args.top]:
-        print(f"  {time_of(e) / total:6.1%} {time_of(e) / args.steps / 1e3:8.3f} ms {e.count // args.steps:5d}x  {e.key[:90]}")
+        print(
+            f"  {time_of(e) / total:6.1%} {time_of(e) / args.steps / 1e3:8.3f} ms {e.count // args.steps:5d}x  "
+            f"{e.key[:90]}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,18 +30,18 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX is imported: share the GPU with torch
 
 import torch
 
 from bench.cube_flops import matmul_rate, step_flops
-from cube.train.graph_step import GraphedCubeStep, fast_backends
-from cube.train.losses import LossConfig
 from cube.model import KERNELS, CellularCube, CubeConfig
+from cube.train.graph_step import GraphedCubeStep, fast_backends
 from cube.train.loop import train_epoch
+from cube.train.losses import LossConfig
 from cube.train.optim import OptimConfig, make_optimizer
 
 EMBED = 576
@@ -176,7 +176,11 @@ def measure_column(bench: Bench, rows: list[Row], batch: int, budget: float, rou
                 run(2)
                 rate = timed(run, budget / rounds, (time.perf_counter() - start) / 2) * batch
                 best[row.name] = max(best.get(row.name, 0.0), rate)
-                memory = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated" if bench.device == "cuda" else ""
+                memory = (
+                    f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated"
+                    if bench.device == "cuda"
+                    else ""
+                )
                 print(f"  batch {batch} {row.name}: {rate:,.0f} samples/s{memory}", flush=True)
             except Exception as e:  # reported in the table, never dropped
                 failed[row.name] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -210,8 +214,16 @@ def table(results: dict[int, dict], rows: list[Row], peaks: dict[str, float], cf
     for precision in ("fp32", "bf16"):
         cells = []
         for b in batches:
-            ours = [v for r in rows if r.kind != "jax" and r.precision == precision and isinstance(v := results[b].get(r.name), float)]
-            jax_ = [v for r in rows if r.kind == "jax" and r.precision == precision and isinstance(v := results[b].get(r.name), float)]
+            ours = [
+                v
+                for r in rows
+                if r.kind != "jax" and r.precision == precision and isinstance(v := results[b].get(r.name), float)
+            ]
+            jax_ = [
+                v
+                for r in rows
+                if r.kind == "jax" and r.precision == precision and isinstance(v := results[b].get(r.name), float)
+            ]
             cells.append(f"{max(ours) / max(jax_):.2f}x" if ours and jax_ else "-")
         lines.append(f"{'best ' + precision + ' / jax':<24}" + "".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
@@ -241,26 +253,39 @@ def main() -> None:
     # dynamo's default limit of 8 versions per function would stop the table part-way.
     torch._dynamo.config.recompile_limit = 64
     cfg = replace(TINY if args.tiny else CubeConfig(), **({} if args.jitter else {"steps_jitter": 0}))
-    rows = [r for r in ROWS if r.name in args.rows and (r.kind == "jax" or r.kernel in args.kernels) and not (args.no_compile and r.kind == "compiled")
-            and not (args.no_jax and r.kind == "jax") and not (args.device == "cpu" and r.kind == "compiled")]
+    rows = [
+        r
+        for r in ROWS
+        if r.name in args.rows
+        and (r.kind == "jax" or r.kernel in args.kernels)
+        and not (args.no_compile and r.kind == "compiled")
+        and not (args.no_jax and r.kind == "jax")
+        and not (args.device == "cpu" and r.kind == "compiled")
+    ]
     bench = Bench(args.device, cfg, tf32=not args.no_tf32)
     bench.set_flags(Row("", "graphed", "fp32"))  # the matmul peaks at the fast path's precision
     gpu = args.device == "cuda"
     peaks = {"fp32": matmul_rate(args.device, torch.float32, 8192 if gpu else 512, 1.0),
              "bf16": matmul_rate(args.device, torch.bfloat16, 8192 if gpu else 256, 1.0)}
     name = torch.cuda.get_device_name() if gpu else "cpu"
-    print(f"{name}, torch {torch.__version__}; cube {cfg.width}x{cfg.height}x{cfg.depth} C={cfg.channels} "
-          f"hidden={cfg.hidden} T={cfg.steps}{'+U{0..%d}' % cfg.steps_jitter if args.jitter else ''} "
-          f"fire={cfg.fire_rate} E={EMBED}; graphed/jax fp32 = {'TF32' if bench.tf32 and gpu else 'strict fp32'}; "
-          f"matmul peaks: {'tf32' if bench.tf32 and gpu else 'fp32'} {peaks['fp32'] / 1e12:.1f}, bf16 {peaks['bf16'] / 1e12:.1f} TFLOP/s",
-          flush=True)
+    print(
+        f"{name}, torch {torch.__version__}; cube {cfg.width}x{cfg.height}x{cfg.depth} C={cfg.channels} "
+        f"hidden={cfg.hidden} T={cfg.steps}{f'+U{{0..{cfg.steps_jitter}}}' if args.jitter else ''} "
+        f"fire={cfg.fire_rate} E={EMBED}; graphed/jax fp32 = {'TF32' if bench.tf32 and gpu else 'strict fp32'}; "
+        f"matmul peaks: {'tf32' if bench.tf32 and gpu else 'fp32'} {peaks['fp32'] / 1e12:.1f}, bf16 "
+        f"{peaks['bf16'] / 1e12:.1f} TFLOP/s",
+        flush=True,
+    )
     results: dict[int, dict] = {}
     for batch in args.batches:
         if args.deadline and time.perf_counter() - t0 > args.deadline:
             print(f"batch {batch}: skipped, past the {args.deadline:.0f} s deadline", flush=True)
             continue
         results[batch] = measure_column(bench, rows, batch, args.budget, args.rounds)
-        print(f"batch {batch} done at {time.perf_counter() - t0:.0f} s\n{table(results, rows, peaks, cfg, args.jitter)}", flush=True)
+        print(
+            f"batch {batch} done at {time.perf_counter() - t0:.0f} s\n{table(results, rows, peaks, cfg, args.jitter)}",
+            flush=True,
+        )
     if gpu:
         print(f"peak GPU memory allocated by torch {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if args.json:

@@ -32,8 +32,8 @@ except ImportError as e:  # keep the message: the project's own environment neve
     raise ImportError("bench/jax_cube.py needs jax and optax, which the cube project does not depend on; "
                       "install them (pip install jax optax) in the environment that runs the benchmark") from e
 
-from cube.train.losses import LossConfig
 from cube.model import CellularCube, CubeConfig
+from cube.train.losses import LossConfig
 from cube.train.optim import OptimConfig, peak_lr
 
 TERMS = ("total", "dialogue", "surface", "internal", "grad_norm")
@@ -59,7 +59,9 @@ def dense(v: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray, dtype) -> jnp.ndarray:
     return jnp.dot(v.astype(dtype), w.astype(dtype)) + b.astype(dtype)
 
 
-def lattice(p: dict, front: jnp.ndarray, key: jnp.ndarray, cfg: CubeConfig, steps: int, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+def lattice(
+    p: dict, front: jnp.ndarray, key: jnp.ndarray, cfg: CubeConfig, steps: int, dtype
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """T steps of x ← x + fire·rule(x·keep + inject) on the NDHWC state; returns (state, last dx)."""
     b, k = front.shape[0], cfg.io_channels
     shape = (b, cfg.depth, cfg.height, cfg.width, cfg.channels)
@@ -103,7 +105,9 @@ def loss_terms(p: dict, consts: dict, q: jnp.ndarray, a: jnp.ndarray, key: jnp.n
         logits = pn @ an.T / loss.temperature
         dialogue = dialogue + loss.infonce_weight * jnp.mean(jax.nn.logsumexp(logits, 1) - jnp.diagonal(logits))
     back = back.astype(jnp.float32)
-    cos = jnp.sum(back * target_face, -1) / jnp.maximum(jnp.linalg.norm(back, axis=-1) * jnp.linalg.norm(target_face, axis=-1), 1e-8)
+    cos = jnp.sum(back * target_face, -1) / jnp.maximum(
+        jnp.linalg.norm(back, axis=-1) * jnp.linalg.norm(target_face, axis=-1), 1e-8
+    )
     terms = {"dialogue": dialogue, "surface": 1.0 - jnp.mean(cos), "internal": jnp.mean(dx.astype(jnp.float32) ** 2)}
     total = loss.dialogue * terms["dialogue"] + loss.surface * terms["surface"] + loss.internal * terms["internal"]
     return total, terms
@@ -142,7 +146,7 @@ class JaxCubeStep:
 
     @classmethod
     def build(cls, model: CellularCube, loss_cfg: LossConfig, optim_cfg: OptimConfig, steps_per_epoch: int,
-              conv_dtype: str = "fp32", seed: int = 0) -> "JaxCubeStep":
+              conv_dtype: str = "fp32", seed: int = 0) -> JaxCubeStep:
         """`conv_dtype="bf16"` runs the adapters and the lattice in bf16 (as torch autocast does)
         with fp32 master weights, optimiser and loss."""
         dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[conv_dtype]
@@ -180,7 +184,9 @@ def check(steps: int = 3) -> int:
 
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.backends.cudnn.allow_tf32 = False
-    cfg = CubeConfig(width=5, height=4, depth=3, channels=4, hidden=8, io_channels=2, steps=3, fire_rate=1.0, steps_jitter=0)
+    cfg = CubeConfig(
+        width=5, height=4, depth=3, channels=4, hidden=8, io_channels=2, steps=3, fire_rate=1.0, steps_jitter=0
+    )
     optim = OptimConfig(epochs=1, lr=3e-3, warmup_fraction=0.4)
     torch.manual_seed(0)
     model = CellularCube(cfg, 12)
@@ -191,7 +197,10 @@ def check(steps: int = 3) -> int:
     data = [(torch.randn(6, 12), torch.randn(6, 12)) for _ in range(steps)]
     opt, sched = make_optimizer(model, optim, steps_per_epoch=steps)
     want = [train_epoch(model, [batch], opt, sched, LossConfig(), optim) for batch in data]
-    got = [np.asarray(jax.device_get((peer.step(jnp.asarray(q.numpy()), jnp.asarray(a.numpy())), peer.terms)[1])) for q, a in data]
+    got = [
+        np.asarray(jax.device_get((peer.step(jnp.asarray(q.numpy()), jnp.asarray(a.numpy())), peer.terms)[1]))
+        for q, a in data
+    ]
     failures = []
     for i, (w, g) in enumerate(zip(want, got)):
         ref = np.array([w["loss/total"], w["loss/dialogue"], w["loss/surface"], w["loss/internal"], w["grad_norm"]])
@@ -201,12 +210,17 @@ def check(steps: int = 3) -> int:
         if not np.allclose(np.asarray(peer.params[name]), value, rtol=1e-4, atol=1e-5):
             err = np.abs(np.asarray(peer.params[name]) - value).max()
             failures.append(f"weights {name} differ after {steps} steps (max abs err {err:.2e})")
-    bf16 = JaxCubeStep.build(CellularCube(replace(cfg, fire_rate=0.5, steps_jitter=2), 12), LossConfig(), optim, steps, "bf16")
+    bf16 = JaxCubeStep.build(
+        CellularCube(replace(cfg, fire_rate=0.5, steps_jitter=2), 12), LossConfig(), optim, steps, "bf16"
+    )
     losses = [float(bf16.step(jnp.asarray(q.numpy()), jnp.asarray(a.numpy()))) for q, a in data]
     if not np.all(np.isfinite(losses)):
         failures.append(f"bf16 losses not finite: {losses}")
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}: torch losses {[round(w['loss/total'], 6) for w in want]}, "
-          f"jax {[round(float(g[0]), 6) for g in got]}, bf16+fire+jitter {[round(x, 4) for x in losses]}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}: torch losses "
+        f"{[round(w['loss/total'], 6) for w in want]}, "
+        f"jax {[round(float(g[0]), 6) for g in got]}, bf16+fire+jitter {[round(x, 4) for x in losses]}"
+    )
     print("\n".join(failures) if failures else "JAX peer matches train_epoch")
     return 1 if failures else 0
 

@@ -12,7 +12,8 @@ HTTP vs an in-process call of the same pipeline, measured side by side in one ru
 Each level stops after --requests requests or --seconds seconds, whichever comes first, after a
 short warm-up. Besides client-side percentiles it prints medians of where the time went (from
 each answer's timings_ms): the teacher's and the cube's compute for the batch the request ran in,
-the time inside the API (the rest of the latency is the proxy and HTTP), and the teacher's batch size. Questions are the run's held-out ones, cycled. The machine is noisy: compare the
+the time inside the API (the rest of the latency is the proxy and HTTP), and the teacher's batch
+size. Questions are the run's held-out ones, cycled. The machine is noisy: compare the
 ratios printed at the end, which come from the same run, not absolute figures across runs.
 """
 
@@ -150,8 +151,11 @@ def table(levels: list[Level]) -> str:
 
     lines = [f"{'mode':<16}{'conc':>5}{'reqs':>6}{'errs':>6}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
              f"{'teacher':>9}{'cube':>9}{'in API':>9}{'t.batch':>8}"]
-    lines += [f"{x.mode:<16}{x.concurrency:>5}{x.requests:>6}{x.errors:>6}{x.rps:>9.1f}{x.p50_ms:>9.1f}{x.p95_ms:>9.1f}"
-              f"{x.p99_ms:>9.1f}{opt(x.teacher_ms)}{opt(x.cube_ms)}{opt(x.api_ms)}{x.teacher_batch or 1:>8.1f}" for x in levels]
+    lines += [
+        f"{x.mode:<16}{x.concurrency:>5}{x.requests:>6}{x.errors:>6}{x.rps:>9.1f}{x.p50_ms:>9.1f}{x.p95_ms:>9.1f}"
+        f"{x.p99_ms:>9.1f}{opt(x.teacher_ms)}{opt(x.cube_ms)}{opt(x.api_ms)}{x.teacher_batch or 1:>8.1f}"
+        for x in levels
+    ]
     return "\n".join(lines)
 
 
@@ -167,7 +171,9 @@ def ratios(levels: list[Level]) -> list[str]:
     top = max(x.concurrency for x in levels)
     batched, unbatched = find(levels, "http batched", top), find(levels, "http unbatched", top)
     if batched and unbatched:
-        out.append(f"batched / unbatched throughput at concurrency {top}: {batched.rps / unbatched.rps:.2f}x (target >= 3x)")
+        out.append(
+            f"batched / unbatched throughput at concurrency {top}: {batched.rps / unbatched.rps:.2f}x (target >= 3x)"
+        )
     return out
 
 
@@ -195,7 +201,9 @@ def main() -> None:
             deploy(args.run, batched)
             mode = "http batched" if batched else "http unbatched"
             for c in args.concurrency:
-                levels.append(asyncio.run(http_level(url, mode, questions, c, args.requests, args.seconds, args.warmup)))
+                levels.append(
+                    asyncio.run(http_level(url, mode, questions, c, args.requests, args.seconds, args.warmup))
+                )
                 print(table(levels[-1:]).splitlines()[-1], flush=True)
     finally:
         serve.shutdown()

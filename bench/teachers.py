@@ -55,7 +55,10 @@ def main() -> None:
             print(f"{name:<9} {quantize:<8} FAILED: {out.stderr.strip().splitlines()[-1]}")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name:<9} {quantize:<8} {r['load_s']:>7.1f} {r['rows_per_s']:>8.1f} {r['weights_mib']:>12.0f} {r['peak_rss_mib']:>13.0f}")
+        print(
+            f"{name:<9} {quantize:<8} {r['load_s']:>7.1f} {r['rows_per_s']:>8.1f} {r['weights_mib']:>12.0f} "
+            f"{r['peak_rss_mib']:>13.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import pandas as pd
 
 from cube.config import load_config
 from cube.data.qa import SHIPPED_DATASET
-from jobs.common import ensure_ray
 from cube.job_config import TrainConfig
+from jobs.common import ensure_ray
 from jobs.trainer import train
 
 

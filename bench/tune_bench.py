@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 
 from cube.config import load_config, save_config, to_dict
-from cube.job_config import TrainConfig, TuneConfig
 from cube.data.rundir import RunDir
-from jobs.search_space import load_space
 from cube.data.storage import Storage
+from cube.job_config import TrainConfig, TuneConfig
 from jobs.common import ensure_ray
+from jobs.search_space import load_space
 from jobs.sweep import max_epochs, run_sweep, trial_table
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +46,9 @@ def sweep_dir(root: Path, split: Path, name: str) -> RunDir:
     return run
 
 
-def sweep(root: Path, split: Path, name: str, settings: TuneConfig, space_file: Path = SPACE) -> tuple[pd.DataFrame, float]:
+def sweep(
+    root: Path, split: Path, name: str, settings: TuneConfig, space_file: Path = SPACE
+) -> tuple[pd.DataFrame, float]:
     run = sweep_dir(root, split, name)
     space = load_space([space_file], TrainConfig)
     start = time.perf_counter()
@@ -70,8 +72,10 @@ def asha_vs_fifo(root: Path, split: Path, trials: int, seed: int) -> str:
     (_, fifo_epochs, fifo_best, _), (_, asha_epochs, asha_best, _) = rows
     lines = ["| scheduler | trial-epochs | best val MRR | wall s |", "|---|---|---|---|"]
     lines += [f"| {s} | {e} | {b:.3f} | {t:.0f} |" for s, e, b, t in rows]
-    lines.append(f"\nASHA spent {asha_epochs / fifo_epochs:.2f} of FIFO's trial-epochs; best MRR {asha_best - fifo_best:+.3f} "
-                 f"against FIFO ({trials} trials each, random search seed {seed}).")
+    lines.append(
+        f"\nASHA spent {asha_epochs / fifo_epochs:.2f} of FIFO's trial-epochs; best MRR {asha_best - fifo_best:+.3f} "
+        f"against FIFO ({trials} trials each, random search seed {seed})."
+    )
     return "\n".join(lines)
 
 
@@ -115,7 +119,10 @@ def main() -> None:
         if "asha-fifo" in args.what:
             print("## ASHA against FIFO\n\n" + asha_vs_fifo(root, args.split, args.trials // 2, args.seed), flush=True)
         if "tpe-random" in args.what:
-            print("\n## TPE against random search\n\n" + tpe_vs_random(root, args.split, args.trials, args.seed), flush=True)
+            print(
+                "\n## TPE against random search\n\n" + tpe_vs_random(root, args.split, args.trials, args.seed),
+                flush=True,
+            )
         if "throughput" in args.what:
             print("\n## Sweep throughput\n\n" + throughput(root, args.split, 8), flush=True)
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cube.data.qa import DataConfig
+from cube.model import CubeConfig
+from cube.teachers.base import TeacherConfig
 from cube.teachers.generate import GeneratorConfig
 from cube.train.losses import LossConfig
-from cube.model import CubeConfig
-from cube.teachers import TeacherConfig
 from cube.train.optim import OptimConfig
 
 
@@ -118,10 +118,16 @@ class TuneConfig:
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.workers_per_trial < 0:
             raise ValueError("need cpus_per_trial > 0, gpus_per_trial >= 0 and workers_per_trial >= 0")
         if self.workers_per_trial and self.gpus_per_trial not in (0.0, 1.0):
-            raise ValueError("with workers_per_trial, each Ray Train worker takes a whole GPU: use gpus_per_trial 0 or 1")
+            raise ValueError(
+                "with workers_per_trial, each Ray Train worker takes a whole GPU: use gpus_per_trial 0 or 1"
+            )
         if self.scheduler not in ("asha", "fifo") or self.search not in ("tpe", "random"):
-            raise ValueError(f"scheduler must be asha|fifo and search tpe|random, got {self.scheduler!r}, {self.search!r}")
+            raise ValueError(
+                f"scheduler must be asha|fifo and search tpe|random, got {self.scheduler!r}, {self.search!r}"
+            )
         if self.grace_period < 1 or self.reduction_factor < 2:
-            raise ValueError(f"need grace_period >= 1 and reduction_factor >= 2, got {self.grace_period}, {self.reduction_factor}")
+            raise ValueError(
+                f"need grace_period >= 1 and reduction_factor >= 2, got {self.grace_period}, {self.reduction_factor}"
+            )
         if self.robustness_seeds < 0 or self.max_failures < 0:
             raise ValueError("robustness_seeds and max_failures must be >= 0")

@@ -10,21 +10,21 @@ specialisation, information flow (MRR when each depth layer's update is frozen),
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
-from cube.eval.analysis import analyse, write_report
-from cube.train.checkpoint import load_checkpoint
 from cube.data.rundir import RunDir, write_json
 from cube.data.storage import Storage
+from cube.eval.analysis import analyse, write_report
+from cube.train.checkpoint import load_checkpoint
 from jobs.common import add_verbose_flag, run_main, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cube analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="cube analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run", required=True, help="run folder written by `cube train`: a path or a storage URI")
     p.add_argument("--output", help="report folder, a path or a URI (default: RUN/analysis)")
     p.add_argument("--damage-trials", type=int, default=20, help="random damaged blocks to average over (default 20)")
@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     store = Storage.of(args.output or f"{args.run.rstrip('/')}/analysis")
     store.reset()
     path = write_report(result, store.local, args.run)
-    write_json(store.local / "analysis.json", {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(result).items()})
+    write_json(
+        store.local / "analysis.json",
+        {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(result).items()},
+    )
     store.push()
     print(f"report: {store}/{path.name}" if store.remote else f"report: {path}")
     return 0

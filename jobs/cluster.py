@@ -352,7 +352,9 @@ def up(args: argparse.Namespace) -> int:
           f"({total} CPUs); node logs in {state}")
     print(f"dashboard: {dashboard}")
     print("then: cube train ... (or any cube command), or ray job submit --working-dir . -- python -m jobs.train ...")
-    print("stop it: cube cluster down" + ("" if state == default_state().expanduser().resolve() else f" --state {state}"))
+    print(
+        "stop it: cube cluster down" + ("" if state == default_state().expanduser().resolve() else f" --state {state}")
+    )
     auth = " RAY_AUTH_MODE=token" if env["RAY_AUTH_MODE"].lower() == "token" else ""
     # RAY_ADDRESS for drivers (every cube command); RAY_API_SERVER_ADDRESS for `ray job`/`serve`,
     # which would otherwise take RAY_ADDRESS (the GCS, not the job API).
@@ -403,7 +405,9 @@ def status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cube cluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="cube cluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state", type=Path, default=default_state(),
                         help="folder for the cluster's state and node logs (default: $CUBE_CACHE/cluster, "
@@ -411,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="{up,down,status}")
     u = sub.add_parser("up", parents=[common], help="start a head and N worker nodes on 127.0.0.1")
     u.add_argument("--workers", type=int, default=2, help="worker nodes besides the head (default 2)")
-    u.add_argument("--cpus-per-node", type=int, default=1, help="CPUs each node offers Ray, the head included (default 1)")
+    u.add_argument(
+        "--cpus-per-node", type=int, default=1, help="CPUs each node offers Ray, the head included (default 1)"
+    )
     u.add_argument("--gpus-per-node", type=int, default=0,
                    help="GPUs each node offers (default 0; on one machine every node would see the same devices)")
     u.add_argument("--port", type=int, default=6379, help="the head's GCS port (default 6379)")

@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from cube.config import load_config
 
@@ -24,12 +25,12 @@ class ResourceError(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: bad data, config, run folder, teacher, resources."""
-    from cube.train.checkpoint import CheckpointError
     from cube.data.qa import DataError
     from cube.data.rundir import RunError
     from cube.data.storage import StorageError
     from cube.data.store import StoreError
     from cube.teachers import TeacherError
+    from cube.train.checkpoint import CheckpointError
 
     return (DataError, RunError, CheckpointError, StoreError, StorageError, TeacherError, ResourceError,
             FileNotFoundError, ValueError)
@@ -62,7 +63,9 @@ def setup_logging(verbose: bool = False, log_file: Path | None = None) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
     if not verbose:
-        console.addFilter(lambda r: r.name.split(".")[0] in OURS or r.levelno >= logging.ERROR and r.name.split(".")[0] != "ray")
+        console.addFilter(
+            lambda r: r.name.split(".")[0] in OURS or r.levelno >= logging.ERROR and r.name.split(".")[0] != "ray"
+        )
     handlers: list[logging.Handler] = [console]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +157,10 @@ def fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool
 
 def describe_nodes(nodes: list[dict[str, float]]) -> str:
     shown = ("CPU", "GPU")
-    return "; ".join(f"node {i}: " + ", ".join(f"{k} {n.get(k, 0):g}" for k in shown) for i, n in enumerate(nodes)) or "no nodes"
+    return (
+        "; ".join(f"node {i}: " + ", ".join(f"{k} {n.get(k, 0):g}" for k in shown) for i, n in enumerate(nodes))
+        or "no nodes"
+    )
 
 
 def require_resources(bundles: list[dict[str, float]], what: str, wait_s: float = 0.0) -> None:
@@ -182,13 +188,19 @@ def require_resources(bundles: list[dict[str, float]], what: str, wait_s: float 
         time.sleep(5.0)
     asked = f"{len(bundles)} x {bundles[0]}" if bundles and all(b == bundles[0] for b in bundles) else str(bundles)
     hint = "" if _embedded or wait_s else " (on an autoscaling cluster, set wait_for_resources_s to wait for nodes)"
-    raise ResourceError(f"{what} needs {asked}, but the Ray cluster has {describe_nodes(nodes)}; ask for fewer workers or "
-                        f"GPUs, or add nodes{hint}")
+    raise ResourceError(
+        f"{what} needs {asked}, but the Ray cluster has {describe_nodes(nodes)}; ask for fewer workers or "
+        f"GPUs, or add nodes{hint}"
+    )
 
 
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show Ray's own logs and workers' output on the console (they go to RUN/ray.log otherwise)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's own logs and workers' output on the console (they go to RUN/ray.log otherwise)",
+    )
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

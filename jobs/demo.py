@@ -23,11 +23,11 @@ from pathlib import Path
 import requests
 
 from cube.data.qa import SHIPPED_DATASET, load_qa
-from cube.eval.report import format_report
 from cube.data.rundir import RunDir
+from cube.eval.report import format_report
+from cube.job_config import TrainConfig
 from jobs.common import add_config_flags, config_from_args, ensure_ray, run_main, setup_logging
 from jobs.serve import start, stop
-from cube.job_config import TrainConfig
 from jobs.trainer import train
 
 log = logging.getLogger("cube.demo")
@@ -45,9 +45,15 @@ def ask(url: str, questions: list[str]) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cube demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=SHIPPED_DATASET, help="question/answer file (default: the shipped data/qa.jsonl)")
-    p.add_argument("--output", type=Path, default=Path("runs/demo"), help="run folder (a previous demo there is replaced)")
+    p = argparse.ArgumentParser(
+        prog="cube demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", type=Path, default=SHIPPED_DATASET, help="question/answer file (default: the shipped data/qa.jsonl)"
+    )
+    p.add_argument(
+        "--output", type=Path, default=Path("runs/demo"), help="run folder (a previous demo there is replaced)"
+    )
     p.add_argument("--port", type=int, default=8000, help="HTTP port for the Serve step")
     add_config_flags(p)
     return p
@@ -94,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     for (_, row), reply in zip(picks.iterrows(), replies):
         verdict = "right" if reply["answer"] == row["answer"] else "wrong; true: " + shorten(row["answer"], 80)
         print(f"  Q: {row['question']}\n  A: {shorten(reply['answer'])}  ({verdict}, score {reply['score']:.2f})")
-    print(f"\nPictures: {out / 'curves.png'} (training curves); `cube analyze --run {out}` draws what forms inside the cube.")
+    print(
+        f"\nPictures: {out / 'curves.png'} (training curves); `cube analyze --run {out}` draws what forms inside "
+        f"the cube."
+    )
     print(f"Ray's own logs: {out / 'ray.log'}. Demo finished in {time.perf_counter() - start_time:.0f} s.")
     return 0
 

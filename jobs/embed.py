@@ -19,25 +19,42 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cube.job_config import EmbedConfig
 from cube.data.storage import LOG, Storage
+from cube.job_config import EmbedConfig
 from jobs.common import add_config_flags, config_from_args, run_main, setup_logging
 from jobs.embedding import embed_file
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cube embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="cube embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("input", type=Path, help="JSONL, CSV or Parquet with question (and answer) columns")
     p.add_argument("--output", required=True, help="store folder (created; a rerun adds only new texts): a path or a "
                                                    "storage URI (s3://…, gs://…, file://…)")
     p.add_argument("--teacher", help="minilm | smollm2 | a Hugging Face id | a local folder (= --set teacher.name=...)")
-    p.add_argument("--quantize", choices=["none", "8bit", "4bit"], help="load the teacher through bitsandbytes (= --set teacher.quantize=...)")
-    p.add_argument("--pooling", choices=["mean", "last"], help="mean over real tokens or the last one (= --set teacher.pooling=...)")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "8bit", "4bit"],
+        help="load the teacher through bitsandbytes (= --set teacher.quantize=...)",
+    )
+    p.add_argument(
+        "--pooling",
+        choices=["mean", "last"],
+        help="mean over real tokens or the last one (= --set teacher.pooling=...)",
+    )
     p.add_argument("--concurrency", type=int, help="teacher actors in the pool (= --set pipeline.concurrency=...)")
     p.add_argument("--batch-size", type=int, help="texts per teacher call (= --set pipeline.batch_size=...)")
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (= --set pipeline.num_gpus=...)")
-    p.add_argument("--cpus-per-actor", type=float, help="CPUs each actor reserves (= --set pipeline.cpus_per_actor=...)")
-    p.add_argument("--threads-per-actor", type=int, help="torch threads per actor; default: the node's cores shared between actors (= --set pipeline.threads_per_actor=...)")
+    p.add_argument(
+        "--cpus-per-actor", type=float, help="CPUs each actor reserves (= --set pipeline.cpus_per_actor=...)"
+    )
+    p.add_argument(
+        "--threads-per-actor",
+        type=int,
+        help="torch threads per actor; default: the node's cores shared between actors "
+        "(= --set pipeline.threads_per_actor=...)",
+    )
     p.add_argument("--generate-answers", action="store_true", help="have an instruct teacher write the answers first")
     p.add_argument("--generator", help="chat model that writes answers (= --set generator.name=...; default smollm2)")
     add_config_flags(p)

@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,12 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cube.data import store
 from cube.config import from_dict, to_dict
-from cube.data.qa import DataConfig, iter_pairs, text_id
-from cube.teachers.generate import AnswerWriter, GeneratorConfig
+from cube.data import store
+from cube.data.qa import iter_pairs, text_id
 from cube.job_config import EmbedConfig, PipelineOptions
 from cube.teachers import TeacherConfig, load_teacher
+from cube.teachers.generate import AnswerWriter, GeneratorConfig
 from jobs.common import describe_nodes, ensure_ray, fits, node_resources, quiet_ray_data
 
 log = logging.getLogger("cube.embed")
@@ -169,7 +170,9 @@ def read_file(path: Path, columns: list[str], opts: PipelineOptions):
         ds = ray.data.read_json(str(path), lines=True, ray_remote_args=LIGHT)
     elif suffix == ".csv":
         types = {c: pa.string() for c in columns}
-        ds = ray.data.read_csv(str(path), convert_options=pcsv.ConvertOptions(column_types=types), ray_remote_args=LIGHT)
+        ds = ray.data.read_csv(
+            str(path), convert_options=pcsv.ConvertOptions(column_types=types), ray_remote_args=LIGHT
+        )
     else:
         check_room_for_listing(opts)
         ds = ray.data.read_parquet(str(path), columns=columns, ray_remote_args=LIGHT)
@@ -195,7 +198,9 @@ def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder:
     vectors.write_datasink(PartSink(folder, store_table(teacher.identity())), ray_remote_args=LIGHT)
 
 
-def embed_texts(texts: Iterable[str], teacher: TeacherConfig, opts: PipelineOptions, folder: Path | None = None) -> Path:
+def embed_texts(
+    texts: Iterable[str], teacher: TeacherConfig, opts: PipelineOptions, folder: Path | None = None
+) -> Path:
     """Make sure every text (held in memory) has a vector in the store; returns the store folder."""
     import ray.data
 
@@ -213,25 +218,13 @@ def embed_texts(texts: Iterable[str], teacher: TeacherConfig, opts: PipelineOpti
     return folder
 
 
-def vectors_for(folder: Path, texts: list[str]) -> np.ndarray:
-    """(len(texts), dim) vectors in the order of `texts`.
-
-    Raises:
-        store.StoreError: a text has no vector (the embedding step did not finish).
-    """
-    ids = [text_id(t) for t in texts]
-    found = store.lookup(folder, ids)
-    missing = [t for t, i in zip(texts, ids) if i not in found]
-    if missing:
-        raise store.StoreError(f"{len(missing)} texts have no vector in {folder} (first: {missing[0][:80]!r}); rerun to embed them")
-    return np.stack([found[i] for i in ids]).astype(np.float32)
-
-
-def embed_pairs(df: pd.DataFrame, teacher: TeacherConfig, opts: PipelineOptions, folder: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def embed_pairs(
+    df: pd.DataFrame, teacher: TeacherConfig, opts: PipelineOptions, folder: Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Question and answer vectors for every row of a validated Q&A frame."""
     questions, answers = df["question"].tolist(), df["answer"].tolist()
     folder = embed_texts(questions + answers, teacher, opts, folder)
-    return vectors_for(folder, questions), vectors_for(folder, answers)
+    return store.vectors_for(folder, questions), store.vectors_for(folder, answers)
 
 
 def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
@@ -246,10 +239,19 @@ def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
     todo = without_restarts(questions.map_batches, SkipDone, fn_constructor_kwargs={"done": store.existing_ids(parts)},
                             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
     answered = without_restarts(
-        todo.map_batches, WriterActor,
-        fn_constructor_kwargs={"generator": to_dict(cfg.generator), "device": device, "pipeline": to_dict(cfg.pipeline)},
-        batch_size=8, batch_format="pandas", num_gpus=cfg.pipeline.num_gpus or None,
-        num_cpus=cfg.pipeline.cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.concurrency))
+        todo.map_batches,
+        WriterActor,
+        fn_constructor_kwargs={
+            "generator": to_dict(cfg.generator),
+            "device": device,
+            "pipeline": to_dict(cfg.pipeline),
+        },
+        batch_size=8,
+        batch_format="pandas",
+        num_gpus=cfg.pipeline.num_gpus or None,
+        num_cpus=cfg.pipeline.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=cfg.pipeline.concurrency),
+    )
     answered.write_datasink(PartSink(parts, generated_table), ray_remote_args=LIGHT)
     table = pa.concat_tables([pq.read_table(p) for p in store.parts(parts)])
     qa = table.drop_columns(["id"])

@@ -19,11 +19,11 @@ import yaml
 
 from cube.config import from_dict
 from cube.data.qa import DataConfig, load_qa
-from cube.eval.report import evaluate_run, format_report
-from cube.job_config import PipelineOptions
-from cube.eval.metrics import HeldOut
 from cube.data.rundir import RunDir
 from cube.data.storage import Storage
+from cube.eval.metrics import HeldOut
+from cube.eval.report import evaluate_run, format_report
+from cube.job_config import PipelineOptions
 from jobs.common import add_verbose_flag, run_main, setup_logging
 
 
@@ -40,7 +40,9 @@ def held_out_file(run: RunDir, data: Path) -> HeldOut:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cube eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="cube eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run", required=True, help="run folder written by `cube train`: a path or a storage URI")
     p.add_argument("--data", type=Path, help="evaluate on every row of this Q&A file instead of the run's test split")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cube.config import coerce, resolve_key, from_dict
+from cube.config import coerce, from_dict, resolve_key
 
 Distribution = Literal["uniform", "loguniform", "int", "choice"]
 SPEC_KEYS = {"uniform": {"low", "high"}, "loguniform": {"low", "high"}, "int": {"low", "high", "step"},
@@ -96,8 +96,11 @@ def parse_param(path: Path, key: str, spec: Any, config_cls: type) -> Param:
     unknown = set(spec) - SPEC_KEYS[dist] - {"distribution"}
     missing = SPEC_KEYS[dist] - {"step"} - set(spec)
     if unknown or missing:
-        raise SpaceError(f"{where}: {dist} takes {sorted(SPEC_KEYS[dist])}" + (f"; unknown {sorted(unknown)}" if unknown else "")
-                         + (f"; missing {sorted(missing)}" if missing else ""))
+        raise SpaceError(
+            f"{where}: {dist} takes {sorted(SPEC_KEYS[dist])}"
+            + (f"; unknown {sorted(unknown)}" if unknown else "")
+            + (f"; missing {sorted(missing)}" if missing else "")
+        )
     if dist == "choice":
         values = spec["values"]
         if not isinstance(values, list) or not values:

@@ -44,8 +44,33 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
     raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:g} s (last: {last})")
 
 
-def start(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, answers: Path | None = None,
-          config: Path | None = None, settings: dict[str, Any] | None = None, overrides: list[str] | None = None) -> str:
+def embed_extra_answers(run_dir: str | Path, answers: Path) -> None:
+    """Embed the answers of `answers` that the run teacher's store lacks (a Ray Data job), so that
+    the replicas only read their vectors. A second start embeds nothing."""
+    from cube.data.rundir import RunDir
+    from cube.data.storage import Storage
+    from cube.job_config import PipelineOptions
+    from jobs.embedding import embed_texts
+    from serve.bank import read_answers
+
+    with Storage.of(run_dir).reading() as path:
+        teacher, _ = RunDir(path).teacher()
+    texts = read_answers(answers)
+    # A sliver of a CPU: this may run while a previous version of the app still holds its replicas.
+    opts = PipelineOptions(concurrency=1, batch_size=64, cpus_per_actor=0.25, threads_per_actor=1)
+    folder = embed_texts(texts, teacher, opts)
+    log.info("extra answers: %d distinct in %s, vectors in %s", len(texts), answers, folder)
+
+
+def start(
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    answers: Path | None = None,
+    config: Path | None = None,
+    settings: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> str:
     """Deploy the app for `run_dir`; returns its base URL once /healthz answers 200.
 
     `settings` is a nested mapping of serve settings and `overrides` are `key=value` strings,
@@ -69,6 +94,8 @@ def start(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, answer
         args["answers"] = str(answers)
     ensure_ray()
     route_ray_logs()  # importing Serve gave its driver-side logger a console handler of its own
+    if answers is not None:
+        embed_extra_answers(run_dir, answers)
     app = build_app(args)
     # The proxy's own timeout backs up the API's (limits.request_timeout_s, answered with 504).
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.limits.request_timeout_s + 5})
@@ -87,7 +114,9 @@ def stop() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cube serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="cube serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run", required=True, help="run folder written by `cube train`: a path or a storage URI "
                                                 "(each replica reads its own copy)")
     p.add_argument("--answers", type=Path, help="JSONL/CSV/Parquet file whose `answer` column joins the bank")

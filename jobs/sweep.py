@@ -23,15 +23,15 @@ import yaml
 from ray import tune
 from tqdm import tqdm
 
-from cube.train.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.config import load_config, save_config, to_dict
-from cube.job_config import TrainConfig, TuneConfig
-from cube.eval.metrics import HeldOut, Split
 from cube.data.rundir import RunDir, write_json
-from jobs.search_space import Param, trial_config
 from cube.data.storage import Storage
+from cube.eval.metrics import HeldOut, Split
+from cube.job_config import TrainConfig, TuneConfig
+from cube.train.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.train.loop import EpochEnd, build_model, fit
 from jobs.common import node_resources, require_resources
+from jobs.search_space import Param, trial_config
 
 log = logging.getLogger("cube.tune")
 METRIC = "val_mrr"
@@ -133,8 +133,12 @@ def build_tuner(sweep: RunDir, settings: TuneConfig, space: list[Param], storage
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
     searcher = ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrency(settings))
     if settings.scheduler == "asha":
-        scheduler = AsyncHyperBandScheduler(time_attr="epoch", max_t=epochs, grace_period=min(settings.grace_period, epochs),
-                                            reduction_factor=settings.reduction_factor)
+        scheduler = AsyncHyperBandScheduler(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=min(settings.grace_period, epochs),
+            reduction_factor=settings.reduction_factor,
+        )
     else:
         scheduler = FIFOScheduler()
     return tune.Tuner(
@@ -272,8 +276,8 @@ def trial_cost(cfg: TrainConfig, embed_dim: int, repeats: int = 20) -> tuple[int
     Measured after the sweep, one trial at a time, so trials running side by side do not skew it."""
     import time
 
-    from cube.model import count_parameters
     from cube.eval.inference import predict
+    from cube.model import count_parameters
 
     model = build_model(cfg.cube, torch.zeros(embed_dim), torch.zeros(embed_dim)).eval()
     q = torch.randn(1, embed_dim)
@@ -307,8 +311,8 @@ def robustness(sweep: RunDir, cfg: TrainConfig, seeds: int, baselines_fitted, de
     import numpy as np
 
     from cube.eval.baselines import Centering
-    from cube.eval.report import score_baselines
     from cube.eval.inference import score_held_out
+    from cube.eval.report import score_baselines
 
     data = sweep.data()
     train, val, test = data.split("train"), data.held_out("val"), data.held_out("test")
@@ -371,12 +375,20 @@ def finish(sweep: RunDir, settings: TuneConfig, space: list[Param], results) -> 
         cfg = load_config(TrainConfig, sweep.path / "best_config.yaml")
         check = robustness(sweep, cfg, settings.robustness_seeds, fitted)
         write_json(sweep.path / "robustness.json", check)
-        lines.append(f"robustness ({check['seeds']} seeds, retrained from scratch): test MRR "
-                     f"{check['cube_test_mrr_mean']:.3f} ± {check['cube_test_mrr_std']:.3f} vs {check['best_baseline']} "
-                     f"{check['baselines_test'][check['best_baseline']]['mrr']:.3f} ({check['cube_minus_best']:+.3f})")
+        lines.append(
+            f"robustness ({check['seeds']} seeds, retrained from scratch): test MRR "
+            f"{check['cube_test_mrr_mean']:.3f} ± {check['cube_test_mrr_std']:.3f} vs {check['best_baseline']} "
+            f"{check['baselines_test'][check['best_baseline']]['mrr']:.3f} ({check['cube_minus_best']:+.3f})"
+        )
     text = "\n".join(lines)
-    report = write_report(sweep.path, table.drop(columns="_result"), space, baselines_val, to_dict(settings),
-                          extra="## The winner\n\n" + text.replace("\n", "\n\n") + "\n\n`cube train --config best_config.yaml` "
-                          "retrains it; `cube serve --run best` serves it.")
+    report = write_report(
+        sweep.path,
+        table.drop(columns="_result"),
+        space,
+        baselines_val,
+        to_dict(settings),
+        extra="## The winner\n\n" + text.replace("\n", "\n\n") + "\n\n`cube train --config best_config.yaml` "
+        "retrains it; `cube serve --run best` serves it.",
+    )
     return {"text": f"{text}\nreport: {report}\nbest config: {sweep.path / 'best_config.yaml'}  run: {best.path}",
             "best_eval": best_eval}

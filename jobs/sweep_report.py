@@ -110,7 +110,13 @@ def plot_history(table: pd.DataFrame, baselines: dict[str, float], out: Path) ->
     fig, ax = plt.subplots(figsize=(7, 4))
     y = table["val_mrr"].to_numpy(float)
     ax.plot(np.arange(1, len(y) + 1), y, "o", ms=4, label="trial")
-    ax.plot(np.arange(1, len(y) + 1), np.fmax.accumulate(np.nan_to_num(y, nan=-np.inf)), "-", color="tab:red", label="best so far")
+    ax.plot(
+        np.arange(1, len(y) + 1),
+        np.fmax.accumulate(np.nan_to_num(y, nan=-np.inf)),
+        "-",
+        color="tab:red",
+        label="best so far",
+    )
     if baselines:
         name, mrr = max(baselines.items(), key=lambda kv: kv[1])
         ax.axhline(mrr, ls="--", color="tab:green", label=f"best baseline ({name}) {mrr:.3f}")

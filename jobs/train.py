@@ -14,19 +14,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cube.data.storage import LOG, Storage
 from cube.eval.report import format_report
 from cube.job_config import TrainConfig
-from cube.data.storage import LOG, Storage
 from jobs.common import add_config_flags, config_from_args, run_main, setup_logging
 from jobs.trainer import train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cube train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="cube train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", type=Path, help="Q&A file: JSONL, CSV or Parquet with question/answer columns")
     p.add_argument("--output", help="run folder to create (must be empty or absent): a path, or a storage URI "
                                     "(s3://…, gs://…, file://…) that every node of a cluster can reach")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (path or URI) from its last checkpoint")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run (path or URI) from its last checkpoint"
+    )
     add_config_flags(p)
     return p
 

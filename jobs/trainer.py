@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cube.train.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.config import from_dict, load_config, save_config, to_dict
 from cube.data.qa import DataError, load_qa, split_pairs
-from cube.eval.report import evaluate_run
-from cube.job_config import TrainConfig
-from cube.eval.metrics import Split
 from cube.data.rundir import RunDir, write_json, write_split
 from cube.data.storage import Storage
+from cube.eval.metrics import Split
+from cube.eval.report import evaluate_run
+from cube.job_config import TrainConfig
+from cube.train.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.train.loop import EpochEnd, build_model, fit
 from cube.train.optim import lattice_kernel, peak_lr, use_cuda_graphs
 from jobs.common import ensure_ray, require_resources, setup_logging
@@ -81,16 +81,30 @@ def train_worker(config: dict[str, Any]) -> None:
         step = "eager"
         if use_cuda_graphs(cfg.optim, device, world):
             step = "CUDA graphs + torch.compile" if cfg.optim.compile else "CUDA graphs"
-        log.info("batch %d per worker × %d workers, peak lr %.2g (scaled to the global batch); step: %s, lattice kernel %s",
-                 cfg.optim.batch_size, world, peak_lr(cfg.optim, world), step, lattice_kernel(cfg.optim, cfg.cube, device))
+        log.info(
+            "batch %d per worker × %d workers, peak lr %.2g (scaled to the global batch); step: %s, lattice kernel %s",
+            cfg.optim.batch_size,
+            world,
+            peak_lr(cfg.optim, world),
+            step,
+            lattice_kernel(cfg.optim, cfg.cube, device),
+        )
 
     def report(end: EpochEnd) -> None:
         m = end.metrics
         if rank != 0:
             ray.train.report(m)  # every rank reports the same number of times
             return
-        log.info("epoch %d/%d  loss %.3f  val_mrr %.3f  val_r@1 %.3f  grad %.2f  %.0f samples/s", m["epoch"],
-                 cfg.optim.epochs, m["loss_total"], m["val_mrr"], m["val_recall_at_1"], m["grad_norm"], m["samples_per_s"])
+        log.info(
+            "epoch %d/%d  loss %.3f  val_mrr %.3f  val_r@1 %.3f  grad %.2f  %.0f samples/s",
+            m["epoch"],
+            cfg.optim.epochs,
+            m["loss_total"],
+            m["val_mrr"],
+            m["val_recall_at_1"],
+            m["grad_norm"],
+            m["samples_per_s"],
+        )
         with tempfile.TemporaryDirectory() as d:
             save_epoch(d, end, config["teacher"], cfg.data.seed)
             ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -163,7 +177,7 @@ class EpochBar:
         self.path, self.epochs = metrics_csv, epochs
         self.stop = threading.Event()
 
-    def __enter__(self) -> "EpochBar":
+    def __enter__(self) -> EpochBar:
         self.thread = threading.Thread(target=self._follow, daemon=True)
         self.thread.start()
         return self
@@ -218,8 +232,8 @@ def train(data_path: Path | None, target: str | Path, cfg: TrainConfig | None, r
     Raises:
         RunError: `resume` on a folder that is not a run, or a fresh run into an existing one.
     """
-    from cube.eval.plots import plot_curves
     from cube.data.rundir import RunError
+    from cube.eval.plots import plot_curves
 
     store = Storage.of(target)
     run = RunDir(store.local)

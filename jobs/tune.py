@@ -23,12 +23,12 @@ import logging
 import os
 from pathlib import Path
 
+from cube.data.rundir import RunDir, RunError
+from cube.data.storage import LOG, Storage
 from cube.eval.report import format_report
 from cube.job_config import TrainConfig, TuneConfig
-from cube.data.rundir import RunDir, RunError
-from jobs.search_space import load_space
-from cube.data.storage import LOG, Storage
 from jobs.common import add_config_flags, config_from_args, ensure_ray, run_main, setup_logging
+from jobs.search_space import load_space
 
 log = logging.getLogger("cube.tune")
 FLAGS = {  # command-line flag → TuneConfig field
@@ -38,9 +38,13 @@ FLAGS = {  # command-line flag → TuneConfig field
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cube tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="cube tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", type=Path, help="Q&A file: JSONL, CSV or Parquet with question/answer columns")
-    p.add_argument("--space", type=Path, action="append", default=[], help="search-space YAML (repeatable; see tune_spaces/)")
+    p.add_argument(
+        "--space", type=Path, action="append", default=[], help="search-space YAML (repeatable; see tune_spaces/)"
+    )
     p.add_argument("--output", help="sweep folder to create: a path, or a storage URI (s3://…, gs://…, file://…) "
                                     "that every node of a cluster can reach")
     p.add_argument("--resume", metavar="SWEEP_DIR", help="continue a sweep (path or URI) whose driver died")
@@ -48,13 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help=f"trials to run (default {d.trials})")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
     p.add_argument("--cpus-per-trial", type=float, help=f"CPUs each trial reserves (default {d.cpus_per_trial:g})")
-    p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial reserves, fractional to pack trials (default 0)")
-    p.add_argument("--workers-per-trial", type=int, help="run each trial as a Ray Train run of N DDP workers (default: in-process)")
-    p.add_argument("--scheduler", choices=["asha", "fifo"], help=f"early stopping on validation MRR (default {d.scheduler})")
+    p.add_argument(
+        "--gpus-per-trial", type=float, help="GPUs each trial reserves, fractional to pack trials (default 0)"
+    )
+    p.add_argument(
+        "--workers-per-trial", type=int, help="run each trial as a Ray Train run of N DDP workers (default: in-process)"
+    )
+    p.add_argument(
+        "--scheduler", choices=["asha", "fifo"], help=f"early stopping on validation MRR (default {d.scheduler})"
+    )
     p.add_argument("--search", choices=["tpe", "random"], help=f"Optuna TPE or random search (default {d.search})")
     p.add_argument("--seed", type=int, help="the searcher's seed (default 0)")
     p.add_argument("--grace-period", type=int, help=f"epochs before ASHA may stop a trial (default {d.grace_period})")
-    p.add_argument("--robustness-seeds", type=int, help=f"retrain the winner with N seeds, 0 to skip (default {d.robustness_seeds})")
+    p.add_argument(
+        "--robustness-seeds",
+        type=int,
+        help=f"retrain the winner with N seeds, 0 to skip (default {d.robustness_seeds})",
+    )
     add_config_flags(p)
     return p
 
@@ -79,7 +93,9 @@ def start(args: argparse.Namespace, store: Storage) -> tuple[RunDir, TuneConfig,
         raise ValueError("--workers-per-trial writes each trial's run folder beside the sweep's: give --output a path "
                          "on storage that every node mounts (NFS, EFS), not a URI")
     if store.exists("tune.yaml"):
-        raise RunError(f"{store} already holds a sweep; pass --resume {store} to continue it, or choose another --output")
+        raise RunError(
+            f"{store} already holds a sweep; pass --resume {store} to continue it, or choose another --output"
+        )
     store.reset()
     sweep = RunDir(store.local)
     prepare_run(sweep, cfg, args.data)

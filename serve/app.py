@@ -19,10 +19,11 @@ from typing import Any
 from ray import serve
 
 from cube.config import to_dict
+from cube.data import store
 from cube.data.rundir import RunDir
 from cube.data.storage import Storage, is_uri
 from cube.teachers import TeacherConfig
-from serve.bank import prepare_extra_answers
+from serve.bank import read_answers
 from serve.embedder import TeacherEmbedder
 from serve.generator import Generator
 from serve.ingress import AnswerAPI
@@ -32,7 +33,8 @@ from serve.settings import DeploymentSettings, ServeConfig, load_settings
 log = logging.getLogger("cube.serve")
 ARGS = {
     "run_dir": "the run to serve: a folder written by `cube train` (or a sweep's best/)",
-    "answers": "optional JSONL/CSV/Parquet file whose `answer` column joins the bank",
+    "answers": "optional JSONL/CSV/Parquet file whose `answer` column joins the bank (embedded beforehand: "
+               "`cube serve --answers FILE` does that)",
     "config": "optional YAML file of serve settings (serve/settings.py)",
     "settings": "optional inline serve settings, as in that file (a mapping of sections)",
 }
@@ -60,13 +62,14 @@ def compose(teacher: TeacherConfig, target: str, cfg: ServeConfig, answers: str 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """App builder for `serve run serve.app:build_app run_dir=RUN_DIR`, serve/config.yaml and
-    `cube serve`. Checks the run and the settings before any replica starts, and embeds the
-    extra answers (if any) that the store does not hold yet.
+    `cube serve`. Checks the run, the settings and the extra answers' vectors (in the teacher's
+    embedding store, where `cube serve --answers FILE` puts them) before any replica starts.
 
     Raises:
         ValueError: an unknown or missing argument, or bad settings (naming the key).
         RunError: run_dir is not a finished run.
         DataError: the answers file is unreadable or has no `answer` column.
+        StoreError: an extra answer has no vector yet.
     """
     unknown = sorted(set(args) - set(ARGS))
     if unknown:
@@ -83,6 +86,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ValueError(f"settings must be a mapping of sections, got {settings!r}")
     cfg = load_settings(args.get("config"), settings)
     answers = str(Path(args["answers"]).expanduser().resolve()) if args.get("answers") else None
-    store_folder = prepare_extra_answers(answers, teacher) if answers else None
+    store_folder = None
+    if answers:
+        store_folder = str(store.default_store(teacher.identity()))
+        store.vectors_for(Path(store_folder), read_answers(answers))  # fail here, not in every replica
     log.info("serving %s (teacher %s)%s", target, teacher.name, f" with extra answers {answers}" if answers else "")
     return compose(teacher, target, cfg, answers, store_folder)

@@ -2,8 +2,8 @@
 plus any extra answers given at start (`--answers FILE`: JSONL, CSV or Parquet with an `answer`
 column), whose vectors come from the embedding store (embedded once, then read from the cache).
 
-`prepare_extra_answers` runs where the app is built (it may start a Ray Data embedding job);
-`load_bank` runs in the replicas and only reads. No Serve here.
+`cube serve --answers FILE` embeds the answers the store lacks before the app is built (a Ray Data
+job, jobs/serve.py); `load_bank` runs in the replicas and only reads. No Serve here.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from cube.data import store
-from cube.eval.answering import AnswerBank
 from cube.data.qa import DataError, iter_records
 from cube.data.rundir import RunDir
-from cube.teachers import TeacherConfig
+from cube.eval.answering import AnswerBank
 
 log = logging.getLogger("cube.serve")
 ANSWER_COLUMN = "answer"
@@ -52,28 +51,14 @@ def read_answers(path: str | Path, column: str = ANSWER_COLUMN) -> list[str]:
     return list(seen)
 
 
-def prepare_extra_answers(path: str | Path, teacher: TeacherConfig) -> str:
-    """Embed the answers of `path` that the store lacks (Ray Data, the run's teacher); returns
-    the store folder the replicas read them from. A second start embeds nothing."""
-    from cube.job_config import PipelineOptions
-    from jobs.embedding import embed_texts
-
-    texts = read_answers(path)
-    # A sliver of a CPU: this may run while a previous version of the app still holds its replicas.
-    opts = PipelineOptions(concurrency=1, batch_size=64, cpus_per_actor=0.25, threads_per_actor=1)
-    folder = embed_texts(texts, teacher, opts)
-    log.info("extra answers: %d distinct in %s, vectors in %s", len(texts), path, folder)
-    return str(folder)
-
-
-def load_bank(run: RunDir, a_mean: torch.Tensor, answers: str | None = None, store_folder: str | None = None) -> tuple[AnswerBank, int]:
+def load_bank(
+    run: RunDir, a_mean: torch.Tensor, answers: str | None = None, store_folder: str | None = None
+) -> tuple[AnswerBank, int]:
     """(bank, number of extra answers it holds beyond the corpus).
 
     Raises:
-        store.StoreError: an extra answer has no vector (prepare_extra_answers did not run).
+        store.StoreError: an extra answer has no vector (`cube serve --answers FILE` embeds them first).
     """
-    from jobs.embedding import vectors_for
-
     texts, vectors = corpus_answers(run)
     extra: list[str] = []
     if answers:
@@ -81,6 +66,7 @@ def load_bank(run: RunDir, a_mean: torch.Tensor, answers: str | None = None, sto
         extra = [t for t in read_answers(answers) if t not in known]
         if extra:
             if store_folder is None:
-                raise store.StoreError(f"extra answers from {answers} need an embedding store folder")
-            vectors = np.concatenate([vectors, vectors_for(Path(store_folder), extra)])
+                raise store.StoreError(f"extra answers from {answers} need an embedding store folder; "
+                                       "`cube serve --answers FILE` embeds them and passes it")
+            vectors = np.concatenate([vectors, store.vectors_for(Path(store_folder), extra)])
     return AnswerBank(texts + extra, vectors, a_mean), len(extra)

@@ -12,8 +12,8 @@ No Ray here.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class BusyGate:

@@ -16,11 +16,13 @@ import torch
 from ray import serve
 
 from cube.config import from_dict
-from cube.teachers.generate import AnswerWriter, GeneratorConfig
 from cube.teachers import TeacherConfig, TeacherError
+from cube.teachers.generate import AnswerWriter, GeneratorConfig
 from serve.settings import REPLICA_CPUS, DeploymentSettings
 
-ENCODERS = {"minilm": "minilm (all-MiniLM-L6-v2) is a sentence encoder, not a causal language model: it cannot generate"}
+ENCODERS = {
+    "minilm": "minilm (all-MiniLM-L6-v2) is a sentence encoder, not a causal language model: it cannot generate"
+}
 
 
 def load_writer(teacher: TeacherConfig, max_new_tokens: int, device: str) -> tuple[AnswerWriter | None, str | None]:

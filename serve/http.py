@@ -141,8 +141,10 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
     bad_json = [e for e in errors if e.get("type") == "json_invalid"]
     if bad_json:
         where = bad_json[0].get("ctx", {}).get("error", "")
-        return JSONResponse({"detail": f"the request body is not valid JSON ({where}); send an object such as {EXAMPLE}"},
-                            status_code=400)
+        return JSONResponse(
+            {"detail": f"the request body is not valid JSON ({where}); send an object such as {EXAMPLE}"},
+            status_code=400,
+        )
     # `input` is left out: it would echo an over-long question back to the client.
     listed = [{"loc": list(e.get("loc", ())), "msg": _describe(e), "type": e.get("type")} for e in errors]
     return JSONResponse({"detail": "; ".join(e["msg"] for e in listed), "errors": listed}, status_code=422)
@@ -171,7 +173,9 @@ class RequestGuard:
         if declared is not None and not declared.strip().isdigit():
             return await _reject(send, 400, f"Content-Length {declared!r} is not a number")
         if declared is not None and int(declared) > self.max_body_bytes:
-            return await _reject(send, 413, f"the request body is {declared} bytes; the limit is {self.max_body_bytes} bytes")
+            return await _reject(
+                send, 413, f"the request body is {declared} bytes; the limit is {self.max_body_bytes} bytes"
+            )
         body = bytearray()
         while True:
             message = await receive()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, TypeVar
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 from ray import serve
@@ -59,7 +60,9 @@ class AnswerAPI:
                 return await self._methods[key].remote(*args)
             except (RayActorError, ActorUnavailableError) as e:
                 if attempt == RETRIES - 1:
-                    raise ServiceError(503, f"a model replica failed ({type(e).__name__}); retry", retry_after_s=1) from e
+                    raise ServiceError(
+                        503, f"a model replica failed ({type(e).__name__}); retry", retry_after_s=1
+                    ) from e
                 await asyncio.sleep(0.05 * 2**attempt)
             except BackPressureError as e:
                 raise ServiceError(503, f"overloaded: {e.message}", retry_after_s=1) from e

@@ -16,12 +16,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from cube.eval.answering import Answer, as_tensor, lattice_activity
-from cube.train.checkpoint import load_checkpoint
 from cube.data.rundir import RunDir
 from cube.data.storage import Storage
-from cube.teachers import load_teacher
+from cube.eval.answering import Answer, as_tensor, lattice_activity
 from cube.eval.inference import predict
+from cube.teachers import load_teacher
+from cube.train.checkpoint import load_checkpoint
 from serve.bank import load_bank
 
 
@@ -45,9 +45,15 @@ def held_out_summary(run: RunDir) -> dict[str, Any] | None:
         return None
     report = json.loads(path.read_text())
     best = report.get("best_baseline")
-    return {"cube": report.get("cube"), "best_baseline": best, "best_baseline_metrics": report.get("baselines", {}).get(best),
-            "chance": report.get("chance"), "pool_size": report.get("pool_size"), "n_questions": report.get("n_questions"),
-            "evaluated_on": report.get("evaluated_on")}
+    return {
+        "cube": report.get("cube"),
+        "best_baseline": best,
+        "best_baseline_metrics": report.get("baselines", {}).get(best),
+        "chance": report.get("chance"),
+        "pool_size": report.get("pool_size"),
+        "n_questions": report.get("n_questions"),
+        "evaluated_on": report.get("evaluated_on"),
+    }
 
 
 def answers_json(answers: list[Answer]) -> list[dict[str, Any]]:
@@ -106,17 +112,33 @@ class LoadedRun:
     def trace(self, vector: np.ndarray) -> dict[str, Any]:
         layers = lattice_activity(self.model, vector)  # (D, H, W)
         cfg = self.model.cfg
-        return {"model_version": self.version, "depth": int(layers.shape[0]), "height": cfg.height, "width": cfg.width, "channels": cfg.channels,
-                "steps": cfg.steps, "lattice": cfg.lattice, "max": float(layers.max()),
-                "measure": "mean |state| over channels after the last step; layer 0 holds the question, the last is read out",
-                "layers": np.round(layers, 5).tolist()}
+        return {
+            "model_version": self.version,
+            "depth": int(layers.shape[0]),
+            "height": cfg.height,
+            "width": cfg.width,
+            "channels": cfg.channels,
+            "steps": cfg.steps,
+            "lattice": cfg.lattice,
+            "max": float(layers.max()),
+            "measure": "mean |state| over channels after the last step; layer 0 holds the question, the last is "
+            "read out",
+            "layers": np.round(layers, 5).tolist(),
+        }
 
     def info(self) -> dict[str, Any]:
-        return {"run": self.run.path.name, "run_dir": str(self.run.path), "model_version": self.version,
-                "teacher": {**self.teacher.identity(), "backend": self.teacher.backend, "dim": self.dim},
-                "cube": asdict(self.model.cfg), "embed_dim": self.model.embed_dim,
-                "checkpoint": {"epoch": self.checkpoint.get("epoch"), "val": self.checkpoint.get("val")},
-                "held_out": held_out_summary(self.run), "bank_size": len(self.bank), "extra_answers": self.extra_answers}
+        return {
+            "run": self.run.path.name,
+            "run_dir": str(self.run.path),
+            "model_version": self.version,
+            "teacher": {**self.teacher.identity(), "backend": self.teacher.backend, "dim": self.dim},
+            "cube": asdict(self.model.cfg),
+            "embed_dim": self.model.embed_dim,
+            "checkpoint": {"epoch": self.checkpoint.get("epoch"), "val": self.checkpoint.get("val")},
+            "held_out": held_out_summary(self.run),
+            "bank_size": len(self.bank),
+            "extra_answers": self.extra_answers,
+        }
 
 
 class InProcessPipeline:

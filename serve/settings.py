@@ -79,7 +79,13 @@ class Limits:
     generation_max_new_tokens: int = 64  # the teacher's own answer in /v1/compare
 
     def __post_init__(self) -> None:
-        for key in ("max_question_chars", "max_body_bytes", "max_top_k", "max_embed_texts", "generation_max_new_tokens"):
+        for key in (
+            "max_question_chars",
+            "max_body_bytes",
+            "max_top_k",
+            "max_embed_texts",
+            "generation_max_new_tokens",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"limits.{key} must be >= 1, got {getattr(self, key)}")
         if self.request_timeout_s <= 0:
@@ -112,7 +118,12 @@ class ServeConfig:
 
 
 # Deployment name → its section above; the Kubernetes RayService manifest names the same ones.
-DEPLOYMENTS = {"AnswerAPI": "api", "TeacherEmbedder": "embedder", "CubePredictor": "predictor", "Generator": "generator"}
+DEPLOYMENTS = {
+    "AnswerAPI": "api",
+    "TeacherEmbedder": "embedder",
+    "CubePredictor": "predictor",
+    "Generator": "generator",
+}
 
 
 def load_settings(path: str | Path | None = None, inline: dict[str, Any] | None = None,

@@ -71,7 +71,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
             print(f"waiting for the ray head: {e}", file=sys.stderr)
             if time.time() > deadline or head.poll() is not None:
                 head.kill()
-                raise RuntimeError(f"ray head did not come up; see {log.name}")
+                raise RuntimeError(f"ray head did not come up; see {log.name}") from e
             time.sleep(1.0)
     os.environ["RAY_ADDRESS"] = address
     try:
@@ -99,9 +99,28 @@ def submit_job(cluster: Cluster, env_vars: dict[str, str], *entrypoint: str,
     runtime_env = json.dumps({"env_vars": env_vars})
     deadline = time.time() + 90
     while True:
-        proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
-                               "--runtime-env-json", runtime_env, "--", "python", "-m", *entrypoint],
-                              env=cluster.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                cluster.dashboard,
+                "--working-dir",
+                str(ROOT),
+                "--runtime-env-json",
+                runtime_env,
+                "--",
+                "python",
+                "-m",
+                *entrypoint,
+            ],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
         # A fresh head answers before its job agent is up; Ray's own message says to try again.
         if "No available agent to submit job" not in proc.stderr or time.time() > deadline:
             return proc

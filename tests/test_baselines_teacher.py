@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from cube.eval.baselines import MLPRecipe, Centering, fit_baselines, mlp
-from cube.eval.report import baseline_report
+from cube.eval.baselines import Centering, MLPRecipe, fit_baselines, mlp
 from cube.eval.metrics import HeldOut, Split, retrieval_metrics
+from cube.eval.report import baseline_report
 from cube.teachers import HFTeacher, TeacherConfig, TeacherError, resolve_source
 
 
@@ -47,7 +47,9 @@ def test_mlp_learns_a_nonlinear_map_picks_its_epochs_on_val_and_averages_seeds()
     report = baseline_report(train, val, test, seeds=2)
     assert report["baselines"]["mlp_centred"]["mrr_std"] >= 0.0
     c = Centering.fit(train)
-    mlp_mrr = sum(retrieval_metrics(p.predict(test.q), c.answers(test.pool, p.space), test.target)["mrr"] for p in preds) / 2
+    mlp_mrr = (
+        sum(retrieval_metrics(p.predict(test.q), c.answers(test.pool, p.space), test.target)["mrr"] for p in preds) / 2
+    )
     assert mlp_mrr > report["baselines"]["identity_centred"]["mrr"] + 0.2
     assert mlp_mrr > report["baselines"]["ridge_centred"]["mrr"]
 

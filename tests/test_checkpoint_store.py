@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from cube.data import store
-from cube.train.optim import restore_training_state, training_state
-from cube.train.checkpoint import (CheckpointError, load_checkpoint, load_train_state,
-                             save_checkpoint, save_train_state)
 from cube.model import CellularCube, CubeConfig
 from cube.teachers import TeacherConfig
-from cube.train.optim import OptimConfig, make_optimizer
+from cube.train.checkpoint import CheckpointError, load_checkpoint, load_train_state, save_checkpoint, save_train_state
+from cube.train.optim import OptimConfig, make_optimizer, restore_training_state, training_state
 
 CFG = CubeConfig(width=5, height=4, depth=3, channels=4, hidden=8, io_channels=2, steps=3)
 TEACHER = TeacherConfig().identity()

@@ -86,7 +86,9 @@ def manifests() -> dict[str, dict]:
 
 def cluster_spec(doc: dict) -> dict:
     spec = doc["spec"]
-    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[doc["kind"]]
+    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[
+        doc["kind"]
+    ]
 
 
 def pod_templates(spec: dict) -> list[dict]:
@@ -96,8 +98,13 @@ def pod_templates(spec: dict) -> list[dict]:
 def test_kuberay_manifests_parse_and_mount_shared_storage():
     docs = manifests()
     kinds = {name: doc["kind"] for name, doc in docs.items()}
-    assert kinds == {"pvc.yaml": "PersistentVolumeClaim", "raycluster.yaml": "RayCluster", "rayjob-train.yaml": "RayJob",
-                     "rayjob-tune.yaml": "RayJob", "rayservice.yaml": "RayService"}
+    assert kinds == {
+        "pvc.yaml": "PersistentVolumeClaim",
+        "raycluster.yaml": "RayCluster",
+        "rayjob-train.yaml": "RayJob",
+        "rayjob-tune.yaml": "RayJob",
+        "rayservice.yaml": "RayService",
+    }
     claim = docs["pvc.yaml"]["metadata"]["name"]
     assert "ReadWriteMany" in docs["pvc.yaml"]["spec"]["accessModes"]
     for name, doc in docs.items():
@@ -217,8 +224,13 @@ def serve_deployments() -> dict[str, float]:
     """The @serve.deployment classes of the serve/ package (one module each) and their num_cpus,
     read without importing them; REPLICA_CPUS is the constant of serve/settings.py."""
     settings = ast.parse((ROOT / "serve" / "settings.py").read_text(encoding="utf-8"))
-    consts = {t.id: n.value.value for n in settings.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
-              for t in n.targets if isinstance(t, ast.Name)}
+    consts = {
+        t.id: n.value.value
+        for n in settings.body
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
     found = {}
     for module in sorted((ROOT / "serve").glob("*.py")):
         for node in ast.parse(module.read_text(encoding="utf-8")).body:
@@ -228,7 +240,9 @@ def serve_deployments() -> dict[str, float]:
                 if isinstance(dec, ast.Call) and ast.unparse(dec.func) == "serve.deployment":
                     options = {k.arg: k.value for k in dec.keywords}
                     name = ast.literal_eval(options["name"]) if "name" in options else node.name
-                    cpus = ast.literal_eval(ast.unparse(options["ray_actor_options"]).replace("REPLICA_CPUS", repr(consts["REPLICA_CPUS"])))
+                    cpus = ast.literal_eval(
+                        ast.unparse(options["ray_actor_options"]).replace("REPLICA_CPUS", repr(consts["REPLICA_CPUS"]))
+                    )
                     found[name] = cpus["num_cpus"]
     return found
 

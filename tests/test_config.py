@@ -81,10 +81,30 @@ def test_pipeline_threads_share_the_node_between_actors():
 def test_embed_flags_are_shorthands_for_overrides():
     from jobs.embed import build_parser, config_from_cli
 
-    args = build_parser().parse_args(["qa.jsonl", "--output", "out", "--teacher", "smollm2", "--quantize", "8bit",
-                                      "--pooling", "last", "--threads-per-actor", "2", "--set", "teacher.max_length=64"])
+    args = build_parser().parse_args(
+        [
+            "qa.jsonl",
+            "--output",
+            "out",
+            "--teacher",
+            "smollm2",
+            "--quantize",
+            "8bit",
+            "--pooling",
+            "last",
+            "--threads-per-actor",
+            "2",
+            "--set",
+            "teacher.max_length=64",
+        ]
+    )
     cfg = config_from_cli(args)
-    assert (cfg.teacher.name, cfg.teacher.quantize, cfg.teacher.pooling, cfg.teacher.max_length) == ("smollm2", "8bit", "last", 64)
+    assert (cfg.teacher.name, cfg.teacher.quantize, cfg.teacher.pooling, cfg.teacher.max_length) == (
+        "smollm2",
+        "8bit",
+        "last",
+        64,
+    )
     assert cfg.pipeline.threads_per_actor == 2 and not cfg.generate_answers
 
 

@@ -9,13 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT
+
 from cube.data import store
 from cube.data.qa import SHIPPED_DATASET, load_qa, text_id
 
@@ -74,7 +72,9 @@ def test_generate_answers_for_a_question_only_file(ray_cluster, tmp_path):
 
 def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "ok?", "answer": "fine."}) + "\n" + json.dumps({"question": "", "answer": "x"}) + "\n")
+    bad.write_text(
+        json.dumps({"question": "ok?", "answer": "fine."}) + "\n" + json.dumps({"question": "", "answer": "x"}) + "\n"
+    )
     out = tmp_path / "never"
     for args, message in [((str(bad),), "row 2 column 'question' is empty"),
                           (("tests/data/tiny.jsonl", "--teacher", "no-org/no-model"), "Nothing is downloaded"),

@@ -8,9 +8,9 @@ runs where Ray is not installed).
 import pytest
 import torch
 
-from cube.train.losses import LossConfig
 from cube.model import CellularCube, CubeConfig
 from cube.train.loop import train_epoch
+from cube.train.losses import LossConfig
 from cube.train.optim import OptimConfig, make_optimizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -60,7 +60,11 @@ def strict_fp32():
     """No TF32, deterministic cuDNN: eager and graphed steps then differ only by rounding."""
     flags = ("allow_tf32", "benchmark", "deterministic")
     saved = [getattr(torch.backends.cudnn, f) for f in flags], torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, False, True
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = (
+        False,
+        False,
+        True,
+    )
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     for f, v in zip(flags, saved[0]):
@@ -98,8 +102,12 @@ def test_graphed_step_matches_eager_fp32(strict_fp32, kernel, compile_step):
     torch.manual_seed(1)
     got = [(fast.step(q, a), fast.terms["grad_norm"]) for q, a in data]
     tol = {"rtol": 1e-3, "atol": 1e-5} if compile_step else {"rtol": 1e-4, "atol": 1e-6}
-    torch.testing.assert_close(torch.stack([g[0] for g in got]).cpu(), torch.tensor([w["loss/total"] for w in want]), **tol)
-    torch.testing.assert_close(torch.stack([g[1] for g in got]).cpu(), torch.tensor([w["grad_norm"] for w in want]), **tol)
+    torch.testing.assert_close(
+        torch.stack([g[0] for g in got]).cpu(), torch.tensor([w["loss/total"] for w in want]), **tol
+    )
+    torch.testing.assert_close(
+        torch.stack([g[1] for g in got]).cpu(), torch.tensor([w["grad_norm"] for w in want]), **tol
+    )
     # Losses and gradient norms match tightly. Weights get a looser bound: Adam's first steps move a
     # weight by ~lr whatever the size of its gradient, so a near-zero gradient that rounds to the
     # other sign flips it. Measured on an H100 (torch 2.11): graphed, uncompiled, 65 of 8,640
@@ -157,8 +165,14 @@ def test_fit_on_cuda_takes_the_graphed_conv2d_step_and_resumes():
 
         def keep(end) -> None:  # copies, as a checkpoint on disk would be
             tensors, meta = end.train_state()
-            seen.append((end.metrics, end.opt.defaults["capturable"], {k: v.clone() for k, v in model.state_dict().items()},
-                         ({k: v.clone() for k, v in tensors.items()}, meta)))
+            seen.append(
+                (
+                    end.metrics,
+                    end.opt.defaults["capturable"],
+                    {k: v.clone() for k, v in model.state_dict().items()},
+                    ({k: v.clone() for k, v in tensors.items()}, meta),
+                )
+            )
 
         fit(model, train, val, LossConfig(), optim, on_epoch=keep, state=state)
         assert model.rule.kernel == "conv2d"

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cube.train.graph_step import GraphedCubeStep, lattice_step
-from cube.train.losses import LossConfig
 from cube.model import CellularCube, CubeConfig
+from cube.train.graph_step import GraphedCubeStep, lattice_step
 from cube.train.loop import train_epoch
+from cube.train.losses import LossConfig
 from cube.train.optim import OptimConfig, make_optimizer
 
 TINY = CubeConfig(width=5, height=4, depth=3, channels=4, hidden=8, io_channels=2, steps=3, steps_jitter=2)
@@ -149,7 +149,9 @@ def test_uncaptured_step_follows_train_epoch(precision, fire_rate):
     data = batches(5)
     eager, fast_model = tiny_model(cfg), tiny_model(cfg)
     opt, sched = make_optimizer(eager, optim, steps_per_epoch=len(data))
-    fast = GraphedCubeStep(fast_model, LossConfig(), optim, B, steps_per_epoch=len(data), capture=False, channels_last=False)
+    fast = GraphedCubeStep(
+        fast_model, LossConfig(), optim, B, steps_per_epoch=len(data), capture=False, channels_last=False
+    )
     torch.manual_seed(3)
     want = [train_epoch(eager, [batch], opt, sched, LossConfig(), optim) for batch in data]
     torch.manual_seed(3)

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import requests
 import yaml
+from conftest import BIN, ROOT, free_port, submit_job
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from conftest import BIN, ROOT, free_port, submit_job
 from cube.data import store
 
 pytestmark = pytest.mark.ray
@@ -67,18 +67,44 @@ def test_tune_job(ray_cluster, job_env, qa_sample, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("cube.hidden: {distribution: choice, values: [8, 16]}\n")
     out = tmp_path / "sweep"
-    proc = submit(ray_cluster, job_env, "jobs.tune", "--data", str(qa_sample), "--space", str(space), "--output", str(out),
-                  "--trials", "2", "--robustness-seeds", "0", "--config", "configs/smoke.yaml", "--set", "optim.epochs=2")
+    proc = submit(
+        ray_cluster,
+        job_env,
+        "jobs.tune",
+        "--data",
+        str(qa_sample),
+        "--space",
+        str(space),
+        "--output",
+        str(out),
+        "--trials",
+        "2",
+        "--robustness-seeds",
+        "0",
+        "--config",
+        "configs/smoke.yaml",
+        "--set",
+        "optim.epochs=2",
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     for name in ("results.csv", "best_config.yaml", "best/model/model.safetensors", "pareto.png"):
         assert (out / name).exists(), name
 
 
-@pytest.mark.parametrize("entrypoint, message", [
-    (["jobs.train", "--data", "no/such/file.jsonl", "--output", "/tmp/cube-never"], "no/such/file.jsonl: no such file"),
-    (["jobs.eval", "--run", "/tmp/cube-not-a-run"], "is not a finished cube run"),
-    (["jobs.train", "--data", "data/qa.jsonl", "--output", "/tmp/cube-never", "--set", "optim.epochs=zero"], "optim.epochs"),
-])
+@pytest.mark.parametrize(
+    "entrypoint, message",
+    [
+        (
+            ["jobs.train", "--data", "no/such/file.jsonl", "--output", "/tmp/cube-never"],
+            "no/such/file.jsonl: no such file",
+        ),
+        (["jobs.eval", "--run", "/tmp/cube-not-a-run"], "is not a finished cube run"),
+        (
+            ["jobs.train", "--data", "data/qa.jsonl", "--output", "/tmp/cube-never", "--set", "optim.epochs=zero"],
+            "optim.epochs",
+        ),
+    ],
+)
 def test_a_failing_job_is_failed_with_one_readable_line(ray_cluster, job_env, entrypoint, message):
     start = time.time()
     proc = submit(ray_cluster, job_env, *entrypoint)
@@ -94,9 +120,25 @@ def test_a_failing_job_is_failed_with_one_readable_line(ray_cluster, job_env, en
 
 def test_asking_for_gpus_the_cluster_lacks_fails_at_once(ray_cluster, job_run, tmp_path):
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--data", "data/qa.jsonl", "--output", str(tmp_path / "g"),
-                           "--config", "configs/smoke.yaml", "--set", "use_gpu=true"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            "--data",
+            "data/qa.jsonl",
+            "--output",
+            str(tmp_path / "g"),
+            "--config",
+            "configs/smoke.yaml",
+            "--set",
+            "use_gpu=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "training with 2 workers needs 2 x {'CPU': 1.0, 'GPU': 1.0}" in proc.stderr and "GPU 0" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from cube.train.losses import LossConfig, cube_loss, dialogue_loss, internal_loss, surface_loss
 from cube.eval.metrics import chance_metrics, ranks, retrieval_metrics
 from cube.model import CellularCube, CubeConfig
+from cube.train.losses import LossConfig, cube_loss, dialogue_loss, internal_loss, surface_loss
 
 
 def test_dialogue_loss_prefers_the_matching_answer():

@@ -1,6 +1,7 @@
 """The cube itself: shapes, locality, transport, and validation of its config (no Ray)."""
 
 import dataclasses
+
 import pytest
 import torch
 
@@ -161,8 +162,9 @@ def test_mlp_adapter_with_the_lattice_off_is_a_residual_mlp_of_the_face_width():
         model.decoder.weight.normal_(0, 0.1)
     q = torch.randn(5, 16)
     qn = torch.nn.functional.normalize(q, dim=-1)
-    hidden = torch.nn.functional.gelu(model.encoder[1](torch.nn.functional.layer_norm(qn, (16,), model.encoder[0].weight,
-                                                                                   model.encoder[0].bias)))
+    hidden = torch.nn.functional.gelu(
+        model.encoder[1](torch.nn.functional.layer_norm(qn, (16,), model.encoder[0].weight, model.encoder[0].bias))
+    )
     torch.testing.assert_close(model(q).pred, qn + model.decoder(hidden))
     with_lattice = CellularCube(dataclasses.replace(cfg, lattice=True), 16).eval()
     with_lattice.load_state_dict(model.state_dict())

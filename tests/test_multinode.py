@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ROOT, Cluster, free_port, submit_job
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from conftest import ROOT, Cluster, free_port, submit_job
 from cube.data import store
 from jobs.cluster import node_processes, port_is_free
 
@@ -111,8 +111,10 @@ def multinode(isolated_cache, tmp_path_factory):
               "--dashboard-port", str(dashboard), "--state", str(state), env=env, timeout=600)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        assert up.stdout.strip().splitlines()[-1] == (f"export RAY_ADDRESS=127.0.0.1:{port} "
-                                                     f"RAY_API_SERVER_ADDRESS=http://127.0.0.1:{dashboard} RAY_AUTH_MODE=token")
+        assert up.stdout.strip().splitlines()[-1] == (
+            f"export RAY_ADDRESS=127.0.0.1:{port} "
+            f"RAY_API_SERVER_ADDRESS=http://127.0.0.1:{dashboard} RAY_AUTH_MODE=token"
+        )
         yield MultiNode(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, state)
     finally:
         cube("cluster", "down", "--state", str(state), env=env, timeout=300)
@@ -161,8 +163,12 @@ def test_train_job_spreads_its_workers_and_writes_to_a_uri(multinode, job_env, q
     # `cube eval` reads the run back from the URI, as a job on another node would.
     proc = submit_job(multinode, job_env, "jobs.eval", "--run", f"file://{target}", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = proc.stdout[proc.stdout.index("\n{\n") + 1:proc.stdout.rindex("\n}\n") + 2]  # the report, amid Ray's lines
-    assert json.loads(printed)["cube"]["mrr"] == pytest.approx(json.loads((target / "eval.json").read_text())["cube"]["mrr"])
+    printed = proc.stdout[
+        proc.stdout.index("\n{\n") + 1 : proc.stdout.rindex("\n}\n") + 2
+    ]  # the report, amid Ray's lines
+    assert json.loads(printed)["cube"]["mrr"] == pytest.approx(
+        json.loads((target / "eval.json").read_text())["cube"]["mrr"]
+    )
 
 
 def test_embed_job_through_the_client_writes_its_store_to_a_uri(multinode, job_env, tmp_path):
@@ -181,7 +187,9 @@ def test_training_job_survives_losing_a_worker_node(multinode, job_env, qa_sampl
                           "--set", "optim.epochs=4", "--set", "max_failures=1")
     deadline = time.time() + 600
     while not ((run / "metrics.csv").is_file() and len(pd.read_csv(run / "metrics.csv")) >= 1):
-        assert client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(job_id)[-3000:]
+        assert client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(job_id)[
+            -3000:
+        ]
         assert time.time() < deadline, "the first epoch never finished"
         time.sleep(0.2)
     done = len(pd.read_csv(run / "metrics.csv"))
@@ -203,7 +211,10 @@ def test_training_job_survives_losing_a_worker_node(multinode, job_env, qa_sampl
 
 
 TRIAL_ACTORS = ("ImplicitFunc", "cube_trial")  # Tune's actor for a function trainable (titles of its process)
-SPACE = "cube.hidden: {distribution: choice, values: [8, 16]}\noptim.lr: {distribution: loguniform, low: 1.0e-3, high: 1.0e-2}\n"
+SPACE = (
+    "cube.hidden: {distribution: choice, values: [8, 16]}\n"
+    "optim.lr: {distribution: loguniform, low: 1.0e-3, high: 1.0e-2}\n"
+)
 
 
 def test_sweep_survives_losing_a_node(multinode, job_env, qa_sample, tmp_path):
@@ -216,7 +227,9 @@ def test_sweep_survives_losing_a_node(multinode, job_env, qa_sample, tmp_path):
                           "--config", "configs/smoke.yaml", "--set", "optim.epochs=3")
     deadline, seen = time.time() + 600, set()
     while True:  # a trial running on a worker node, after the sweep's first reported epoch
-        assert client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(job_id)[-3000:]
+        assert client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(job_id)[
+            -3000:
+        ]
         assert time.time() < deadline, f"no trial ever ran on a worker node (trials per node seen: {sorted(seen)})"
         if any(p.stat().st_size for p in (out / "ray").glob("*/*/result.json")):
             trials = multinode.running(*TRIAL_ACTORS)

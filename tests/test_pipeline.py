@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import requests
-
 from conftest import ROOT, free_port
+
 from cube.data import store
 from cube.data.qa import text_id
 from cube.teachers import HFTeacher, TeacherConfig
@@ -82,8 +81,8 @@ def test_eval_json_shape(trained_run):
 
 
 def test_eval_on_another_file_uses_every_row(trained_run):
-    from cube.eval.report import evaluate_run
     from cube.data.rundir import RunDir
+    from cube.eval.report import evaluate_run
     from jobs.eval import held_out_file
 
     run, _ = trained_run

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import ROOT
+
 from cube.job_config import TrainConfig, TuneConfig
 from jobs.search_space import SpaceError, load_space, trial_config
 from jobs.sweep_report import importances, pareto_front, write_report
@@ -75,13 +75,32 @@ def test_pareto_front_keeps_only_undominated_points():
 
 
 def test_report_files_and_importances(tmp_path):
-    space = load_space([space_file(tmp_path, "cube.hidden: {distribution: choice, values: [8, 16]}\n"
-                                             "optim.lr: {distribution: loguniform, low: 1.0e-3, high: 1.0e-1}")], TrainConfig)
+    space = load_space(
+        [
+            space_file(
+                tmp_path,
+                "cube.hidden: {distribution: choice, values: [8, 16]}\n"
+                "optim.lr: {distribution: loguniform, low: 1.0e-3, high: 1.0e-1}",
+            )
+        ],
+        TrainConfig,
+    )
     rng = np.random.default_rng(0)
     lr = 10 ** rng.uniform(-3, -1, 12)
-    table = pd.DataFrame({"trial_id": [f"t{i}" for i in range(12)], "cube.hidden": rng.choice([8, 16], 12), "optim.lr": lr,
-                          "val_mrr": 0.9 - (np.log10(lr) + 2) ** 2 / 10, "status": "finished", "epochs_run": 3,
-                          "trial_epochs": 3, "params": 1000.0, "latency_ms": 1.0, "error": ""})
+    table = pd.DataFrame(
+        {
+            "trial_id": [f"t{i}" for i in range(12)],
+            "cube.hidden": rng.choice([8, 16], 12),
+            "optim.lr": lr,
+            "val_mrr": 0.9 - (np.log10(lr) + 2) ** 2 / 10,
+            "status": "finished",
+            "epochs_run": 3,
+            "trial_epochs": 3,
+            "params": 1000.0,
+            "latency_ms": 1.0,
+            "error": "",
+        }
+    )
     table.loc[11, ["val_mrr", "status", "error"]] = [np.nan, "errored", "ValueError: steps=2 < depth-1=3"]
     imp = importances(table, space)
     assert max(imp, key=imp.get) == "optim.lr"  # MRR depends on lr only

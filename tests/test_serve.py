@@ -24,7 +24,6 @@ import pandas as pd
 import pytest
 import requests
 import yaml
-
 from conftest import ROOT, free_port
 
 QUESTION = "Why is the sky blue?"
@@ -127,7 +126,9 @@ def test_endpoints(served):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["answer"] == body["answers"][0]["answer"] and body["score"] == body["answers"][0]["score"]
-    assert len(body["answers"]) == 3 and [a["score"] for a in body["answers"]] == sorted((a["score"] for a in body["answers"]), reverse=True)
+    assert len(body["answers"]) == 3 and [a["score"] for a in body["answers"]] == sorted(
+        (a["score"] for a in body["answers"]), reverse=True
+    )
     assert "scatter" in body["answer"].lower() and body["model_version"] == health["model_version"]
     assert set(body["timings_ms"]) >= {"embed", "teacher", "cube", "search", "total"}
     assert body["timings_ms"]["total"] >= body["timings_ms"]["embed"] > 0
@@ -147,7 +148,9 @@ def test_endpoints(served):
 
     embed = served.post("/v1/embed", {"texts": [QUESTION, "hello"]}).json()
     vectors = np.array(embed["vectors"])
-    assert embed["dim"] == 384 and vectors.shape == (2, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    assert (
+        embed["dim"] == 384 and vectors.shape == (2, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    )
 
     predicted = served.post("/v1/predict", {"question": QUESTION}).json()
     assert predicted["dim"] == 384 == len(predicted["vector"])
@@ -179,9 +182,18 @@ BAD = [  # (what, request kwargs, status, words the message must hold)
     ("form content type", {"data": {"question": QUESTION}}, 415, "application/json"),
     ("no content type", {"data": b'{"question": "x"}'}, 415, "application/json"),
     ("body over the limit", {"json": {"question": QUESTION, "pad": "x" * 70000}}, 413, "65536 bytes"),
-    ("chunked body over the limit", {"data": iter([b'{"question": "', b"x" * 70000, b'"}']),
-                                     "headers": {"content-type": "application/json"}}, 413, "65536 bytes"),
-    ("lone surrogate", {"data": '{"question": "\\ud800"}', "headers": {"content-type": "application/json"}}, 422, "question"),
+    (
+        "chunked body over the limit",
+        {"data": iter([b'{"question": "', b"x" * 70000, b'"}']), "headers": {"content-type": "application/json"}},
+        413,
+        "65536 bytes",
+    ),
+    (
+        "lone surrogate",
+        {"data": '{"question": "\\ud800"}', "headers": {"content-type": "application/json"}},
+        422,
+        "question",
+    ),
 ]
 
 
@@ -246,7 +258,9 @@ def test_page_in_a_headless_browser(served, tmp_path):
             page.on("request", lambda req: None if req.url.startswith(served.url) else outside.append(req.url))
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(served.url + "/", wait_until="load")
-            page.wait_for_function("document.getElementById('model').textContent.includes('answers in the bank')", timeout=30_000)
+            page.wait_for_function(
+                "document.getElementById('model').textContent.includes('answers in the bank')", timeout=30_000
+            )
             page.fill("#question", QUESTION)
             page.click("#ask")
             page.wait_for_selector("#answers li", timeout=60_000)
@@ -302,7 +316,7 @@ class Traffic:
                 else:
                     self.failures.append(f"{code}: {getattr(r, 'text', r)!s:.200}")
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         for t in self.threads:
             t.start()
         return self
@@ -328,7 +342,9 @@ def deployment(app: str, name: str) -> tuple[str, dict]:
     from ray import serve
 
     d = serve.status().applications[app].deployments[name]
-    return str(getattr(d.status, "value", d.status)), {str(getattr(k, "value", k)): n for k, n in d.replica_states.items()}
+    return str(getattr(d.status, "value", d.status)), {
+        str(getattr(k, "value", k)): n for k, n in d.replica_states.items()
+    }
 
 
 def replica_actors(app: str, name: str) -> list[dict]:
@@ -398,7 +414,9 @@ def test_killing_an_embedder_replica_under_load(served):
             time.sleep(0.5)
         traffic.wait_for(40)
     ok = traffic.status[200] / traffic.total
-    print(f"replica kill: {traffic.total} requests ({traffic.total - killed_at} after the kill), {dict(traffic.status)}")
+    print(
+        f"replica kill: {traffic.total} requests ({traffic.total - killed_at} after the kill), {dict(traffic.status)}"
+    )
     assert traffic.total >= 100 and ok >= 0.99, (dict(traffic.status), traffic.failures[:5])
 
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from cube.train.losses import LossConfig
-from cube.model import CellularCube, CubeConfig
 from cube.eval.inference import score
+from cube.model import CellularCube, CubeConfig
 from cube.train.loop import Progress, train_epoch
+from cube.train.losses import LossConfig
 from cube.train.optim import OptimConfig, make_optimizer
 
 CFG = CubeConfig(width=6, height=6, depth=4, channels=6, hidden=16, io_channels=2, steps=4, fire_rate=1.0)

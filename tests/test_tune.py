@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT
+
 from cube.config import load_config
 from cube.job_config import TrainConfig
 
@@ -60,7 +60,11 @@ def test_sweep_records_every_trial_with_its_status_and_writes_the_report(sweep):
     for name in ("results.md", "pareto.png", "importance.png", "history.png", "robustness.json"):
         assert (out / name).stat().st_size > 100, name
     robust = json.loads((out / "robustness.json").read_text())
-    assert robust["seeds"] == 2 and len(robust["cube_test_mrr"]) == 2 and robust["best_baseline"] in robust["baselines_test"]
+    assert (
+        robust["seeds"] == 2
+        and len(robust["cube_test_mrr"]) == 2
+        and robust["best_baseline"] in robust["baselines_test"]
+    )
     assert "best trial" in proc.stdout and "robustness (2 seeds" in proc.stdout
 
 
@@ -86,7 +90,10 @@ def test_the_best_trials_run_folder_is_a_complete_run(sweep):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     table = pd.read_csv(out / "results.csv")
-    assert abs(json.loads((out / "best" / "model" / "config.json").read_text())["val"]["mrr"] - table.loc[0, "val_mrr"]) < 1e-6
+    assert (
+        abs(json.loads((out / "best" / "model" / "config.json").read_text())["val"]["mrr"] - table.loc[0, "val_mrr"])
+        < 1e-6
+    )
     assert report["cube"]["mrr"] > report["chance"]["mrr"] + 0.5
 
 
@@ -105,8 +112,21 @@ def test_resume_after_the_sweep_driver_is_killed(ray_cluster, qa_sample, tmp_pat
     space = tmp_path / "space.yaml"
     space.write_text("cube.hidden: {distribution: choice, values: [8, 16]}\n")
     out = tmp_path / "sweep"
-    cmd = tune_cmd(qa_sample, out, space, "--trials", "3", "--max-concurrent", "1", "--robustness-seeds", "0", "--scheduler", "fifo",
-                   "--set", "optim.epochs=3")
+    cmd = tune_cmd(
+        qa_sample,
+        out,
+        space,
+        "--trials",
+        "3",
+        "--max-concurrent",
+        "1",
+        "--robustness-seeds",
+        "0",
+        "--scheduler",
+        "fifo",
+        "--set",
+        "optim.epochs=3",
+    )
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while not finished_trials(out):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -34,7 +34,9 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+        if not (
+            0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1
+        ):
             raise ValueError(
                 f"val_fraction={self.val_fraction} and test_fraction={self.test_fraction} must be in [0, 1) "
                 "and leave a training split"

@@ -22,12 +22,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from cube.eval.metrics import HeldOut, Split
-from cube.config import from_dict
-from cube.teachers import TeacherConfig
-
 import torch
+
+from cube.config import from_dict
+from cube.eval.metrics import HeldOut, Split
+from cube.teachers.base import TeacherConfig
 
 
 class RunError(RuntimeError):
@@ -57,7 +56,7 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_split(path: Path) -> "RunData":
+def read_split(path: Path) -> RunData:
     """A run's split.parquet (every pair with its split and vectors)."""
     table = pq.read_table(path)
     frame = table.drop_columns(["q_vec", "a_vec"]).to_pandas()

@@ -16,9 +16,9 @@ import contextlib
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from cube.data.cache import cache_dir
 
@@ -40,7 +40,7 @@ class Storage:
     local: Path  # the folder the job reads and writes
 
     @classmethod
-    def of(cls, target: str | Path) -> "Storage":
+    def of(cls, target: str | Path) -> Storage:
         if not is_uri(target):
             return cls(str(target), Path(target))
         uri = str(target).rstrip("/")

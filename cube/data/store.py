@@ -15,8 +15,9 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cube.data.cache import cache_dir
+from cube.data.qa import text_id
 
 TEACHER_KEY = b"cube.teacher"
 
@@ -74,12 +76,19 @@ def parts(folder: Path) -> list[Path]:
 
 def schema(dim: int, identity: dict[str, Any]) -> pa.Schema:
     return pa.schema(
-        [("id", pa.string()), ("text", pa.string()), ("vector", pa.list_(pa.float32(), dim)), ("truncated", pa.bool_())],
+        [
+            ("id", pa.string()),
+            ("text", pa.string()),
+            ("vector", pa.list_(pa.float32(), dim)),
+            ("truncated", pa.bool_()),
+        ],
         metadata={TEACHER_KEY: json.dumps(identity, sort_keys=True).encode()},
     )
 
 
-def to_table(ids: list[str], texts: list[str], vectors: np.ndarray, truncated: np.ndarray, identity: dict[str, Any]) -> pa.Table:
+def to_table(
+    ids: list[str], texts: list[str], vectors: np.ndarray, truncated: np.ndarray, identity: dict[str, Any]
+) -> pa.Table:
     dim = vectors.shape[1]
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
     columns = [pa.array(ids, pa.string()), pa.array(texts, pa.string()),
@@ -123,3 +132,19 @@ def read_all(folder: Path, columns: list[str] | None = None) -> pa.Table:
     if not tables:
         raise StoreError(f"{folder} holds no embeddings yet")
     return pa.concat_tables(tables)
+
+
+def vectors_for(folder: Path, texts: list[str]) -> np.ndarray:
+    """(len(texts), dim) vectors in the order of `texts`.
+
+    Raises:
+        StoreError: a text has no vector (the embedding step did not finish).
+    """
+    ids = [text_id(t) for t in texts]
+    found = lookup(folder, ids)
+    missing = [t for t, i in zip(texts, ids) if i not in found]
+    if missing:
+        raise StoreError(
+            f"{len(missing)} texts have no vector in {folder} (first: {missing[0][:80]!r}); rerun to embed them"
+        )
+    return np.stack([found[i] for i in ids]).astype(np.float32)

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cube.eval.inference import final_state, score
 from cube.eval.metrics import HeldOut
 from cube.model import CellularCube
-from cube.eval.inference import final_state, score
 
 
 @dataclass
@@ -84,7 +84,11 @@ def analyse(model: CellularCube, data: HeldOut, damage_trials: int = 20, cluster
     for name, factor in (("2T", 2), ("4T", 4)):
         back = final_state(model, data.q, steps=factor * cfg.steps)[:, : cfg.io_channels, -1]
         drift = ((back - back_t).norm() / back_t.norm().clamp_min(1e-12)).item()
-        stability[name] = {"steps": factor * cfg.steps, "mrr": mrr(model, data, steps=factor * cfg.steps), "back_drift": drift}
+        stability[name] = {
+            "steps": factor * cfg.steps,
+            "mrr": mrr(model, data, steps=factor * cfg.steps),
+            "back_drift": drift,
+        }
 
     damaged = []
     for _ in range(damage_trials):
@@ -142,33 +146,71 @@ def write_report(a: Analysis, out: Path, title: str) -> Path:
     _depth_slices(out / "activity.png", a.activity, "mean |state| per cell, front → back")
     _depth_slices(out / "variance.png", a.variance_map, "variance across questions per cell", cmap="magma")
     _depth_slices(out / "clusters.png", a.clusters.astype(float), "cells clustered by response profile", cmap="tab10")
-    _bars(out / "morans_i.png", {"lattice": a.morans_i, "shuffled positions": a.morans_i_shuffled}, "channel", "Moran's I")
-    _bars(out / "layer_ablation.png", {"MRR with layer frozen": a.layer_ablation}, "depth layer (0 = front)", "held-out MRR", hline=a.base_mrr)
+    _bars(
+        out / "morans_i.png", {"lattice": a.morans_i, "shuffled positions": a.morans_i_shuffled}, "channel", "Moran's I"
+    )
+    _bars(
+        out / "layer_ablation.png",
+        {"MRR with layer frozen": a.layer_ablation},
+        "depth layer (0 = front)",
+        "held-out MRR",
+        hline=a.base_mrr,
+    )
     sizes = np.bincount(a.clusters.ravel())
     drop = a.base_mrr - a.layer_ablation
     lines = [
-        f"# Emergent-pattern report: {title}", "",
-        f"Held-out MRR of the intact cube: **{a.base_mrr:.3f}**.", "",
-        "## Activity", "Mean |state| per cell after T steps, as slices from the front face (question injected) to the back face (read out).", "",
-        "![activity](activity.png)", "",
-        "## Spatial structure (Moran's I)", "Per channel, over held-out questions; +1 is smooth, 0 is no spatial structure. "
-        "The shuffled column destroys positions but keeps values.", "",
-        "| channel | Moran's I | shuffled |", "|---|---|---|",
-        *[f"| {c} | {i:.3f} | {s:.3f} |" for c, (i, s) in enumerate(zip(a.morans_i, a.morans_i_shuffled))], "",
-        "![morans_i](morans_i.png)", "",
-        "## Specialisation", "Variance of each cell's state across questions (which cells respond differently to different inputs), "
-        f"and k-means clusters of the cells' response profiles (cluster sizes: {sizes.tolist()}).", "",
-        "![variance](variance.png)", "", "![clusters](clusters.png)", "",
-        "## Information flow", "MRR when one depth layer's update is frozen for the whole run; a large drop marks a layer the signal must cross.", "",
-        "| layer | MRR | drop |", "|---|---|---|",
-        *[f"| {d} | {m:.3f} | {x:+.3f} |" for d, (m, x) in enumerate(zip(a.layer_ablation, drop))], "",
-        "![layer_ablation](layer_ablation.png)", "",
-        "## Stability", "Running longer than trained: MRR, and the relative change of the back face against T steps.", "",
-        "| run | steps | MRR | back-face drift |", "|---|---|---|---|",
-        *[f"| {k} | {v['steps']} | {v['mrr']:.3f} | {v['back_drift']:.3f} |" for k, v in a.stability.items()], "",
-        "## Damage", f"A random 3×3×3 block zeroed after half the steps, {a.damage['trials']} trials.", "",
-        f"MRR intact {a.damage['mrr_intact']:.3f}; damaged {a.damage['mrr_damaged_mean']:.3f} ± {a.damage['mrr_damaged_std']:.3f} "
-        f"(worst {a.damage['mrr_damaged_min']:.3f}).", "",
+        f"# Emergent-pattern report: {title}",
+        "",
+        f"Held-out MRR of the intact cube: **{a.base_mrr:.3f}**.",
+        "",
+        "## Activity",
+        "Mean |state| per cell after T steps, as slices from the front face (question injected) to the back face "
+        "(read out).",
+        "",
+        "![activity](activity.png)",
+        "",
+        "## Spatial structure (Moran's I)",
+        "Per channel, over held-out questions; +1 is smooth, 0 is no spatial structure. "
+        "The shuffled column destroys positions but keeps values.",
+        "",
+        "| channel | Moran's I | shuffled |",
+        "|---|---|---|",
+        *[f"| {c} | {i:.3f} | {s:.3f} |" for c, (i, s) in enumerate(zip(a.morans_i, a.morans_i_shuffled))],
+        "",
+        "![morans_i](morans_i.png)",
+        "",
+        "## Specialisation",
+        "Variance of each cell's state across questions (which cells respond differently to different inputs), "
+        f"and k-means clusters of the cells' response profiles (cluster sizes: {sizes.tolist()}).",
+        "",
+        "![variance](variance.png)",
+        "",
+        "![clusters](clusters.png)",
+        "",
+        "## Information flow",
+        "MRR when one depth layer's update is frozen for the whole run; a large drop marks a layer the signal "
+        "must cross.",
+        "",
+        "| layer | MRR | drop |",
+        "|---|---|---|",
+        *[f"| {d} | {m:.3f} | {x:+.3f} |" for d, (m, x) in enumerate(zip(a.layer_ablation, drop))],
+        "",
+        "![layer_ablation](layer_ablation.png)",
+        "",
+        "## Stability",
+        "Running longer than trained: MRR, and the relative change of the back face against T steps.",
+        "",
+        "| run | steps | MRR | back-face drift |",
+        "|---|---|---|---|",
+        *[f"| {k} | {v['steps']} | {v['mrr']:.3f} | {v['back_drift']:.3f} |" for k, v in a.stability.items()],
+        "",
+        "## Damage",
+        f"A random 3×3×3 block zeroed after half the steps, {a.damage['trials']} trials.",
+        "",
+        f"MRR intact {a.damage['mrr_intact']:.3f}; damaged {a.damage['mrr_damaged_mean']:.3f} ± "
+        f"{a.damage['mrr_damaged_std']:.3f} "
+        f"(worst {a.damage['mrr_damaged_min']:.3f}).",
+        "",
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines))

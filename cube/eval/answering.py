@@ -29,7 +29,9 @@ class AnswerBank:
 
     def __init__(self, texts: list[str], vectors: np.ndarray, a_mean: torch.Tensor) -> None:
         if len(texts) != len(vectors) or not texts:
-            raise ValueError(f"answer bank needs one vector per text and at least one text, got {len(texts)} / {len(vectors)}")
+            raise ValueError(
+                f"answer bank needs one vector per text and at least one text, got {len(texts)} / {len(vectors)}"
+            )
         self.texts = texts
         raw = as_tensor(vectors)  # (P, E)
         self.keys = F.normalize(raw - a_mean.cpu(), dim=-1)  # (P, E) centred, for cube predictions

@@ -14,8 +14,9 @@ seeds), and it is reported as the mean over several seeds because it is stochast
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ class Centering:
     a_mean: torch.Tensor
 
     @classmethod
-    def fit(cls, train: Split) -> "Centering":
+    def fit(cls, train: Split) -> Centering:
         return cls(train.q.mean(0), train.a.mean(0))
 
     def questions(self, q: torch.Tensor, space: Space) -> torch.Tensor:
@@ -124,7 +125,9 @@ def cpu_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _mlp_snapshots(train: Split, centering: Centering, space: Space, recipe: MLPRecipe, seed: int) -> dict[int, nn.Module]:
+def _mlp_snapshots(
+    train: Split, centering: Centering, space: Space, recipe: MLPRecipe, seed: int
+) -> dict[int, nn.Module]:
     """One constant-rate run; a copy of the model at every epoch count of the grid.
 
     On a CPU it runs on one thread: its matrices are too small to split, and on a busy 2-core
@@ -168,7 +171,9 @@ def mlp(train: Split, val: HeldOut, centering: Centering, space: Space, seeds: i
 
     runs = [_mlp_snapshots(train, centering, space, recipe, seed) for seed in range(seeds)]
     with torch.no_grad():
-        mean_val = {e: sum(held_out_mrr(predictor(r[e], e), val, centering) for r in runs) / seeds for e in recipe.epoch_grid}
+        mean_val = {
+            e: sum(held_out_mrr(predictor(r[e], e), val, centering) for r in runs) / seeds for e in recipe.epoch_grid
+        }
     best = max(mean_val, key=mean_val.get)
     return [predictor(r[best], best) for r in runs]
 

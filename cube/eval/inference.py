@@ -19,7 +19,9 @@ def predict(model: CellularCube, q: torch.Tensor, batch_size: int = 256, **latti
 
 
 @torch.no_grad()
-def score(model: CellularCube, q: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, **lattice_kwargs) -> dict[str, float]:
+def score(
+    model: CellularCube, q: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, **lattice_kwargs
+) -> dict[str, float]:
     """Held-out metrics in the cube's centred space: question i's answer is raw `pool[target[i]]`."""
     return retrieval_metrics(predict(model, q, **lattice_kwargs), pool - model.a_mean.cpu(), target)
 

@@ -67,7 +67,7 @@ class HeldOut:
     answers: list[str]  # pool texts
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, q: np.ndarray, a: np.ndarray) -> "HeldOut":
+    def from_frame(cls, df: pd.DataFrame, q: np.ndarray, a: np.ndarray) -> HeldOut:
         """`df` rows align with `q` and `a` (one embedding per row)."""
         index: dict[str, int] = {}  # answer text → pool position
         first_rows: list[int] = []  # the row that supplies each pool entry
@@ -83,7 +83,7 @@ class HeldOut:
     def __len__(self) -> int:
         return len(self.q)
 
-    def head(self, n: int) -> "HeldOut":
+    def head(self, n: int) -> HeldOut:
         """The first `n` questions, ranked in the pool of their own answers."""
         used = torch.unique(self.target[:n])
         remap = torch.full((len(self.pool),), -1, dtype=torch.long)

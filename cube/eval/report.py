@@ -10,20 +10,22 @@ from pathlib import Path
 
 import torch
 
-from cube.eval.baselines import Centering, Predictor, fit_baselines
-from cube.eval.metrics import METRICS, HeldOut, Split, chance_metrics, retrieval_metrics
-from cube.train.checkpoint import load_checkpoint
 from cube.config import load_config
+from cube.data.rundir import RunDir
+from cube.eval.baselines import Centering, Predictor, fit_baselines
+from cube.eval.inference import predict
+from cube.eval.metrics import METRICS, HeldOut, Split, chance_metrics, retrieval_metrics
 from cube.job_config import TrainConfig
 from cube.model import CellularCube, count_parameters
-from cube.data.rundir import RunDir
-from cube.eval.inference import predict
+from cube.train.checkpoint import load_checkpoint
 
 __all__ = ["HeldOut", "baseline_report", "compare", "evaluate_run", "format_report", "score_baselines"]
 
 
 def _mean_metrics(predictors: list[Predictor], test: HeldOut, centering: Centering) -> dict[str, float]:
-    runs = [retrieval_metrics(p.predict(test.q), centering.answers(test.pool, p.space), test.target) for p in predictors]
+    runs = [
+        retrieval_metrics(p.predict(test.q), centering.answers(test.pool, p.space), test.target) for p in predictors
+    ]
     out = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
     if len(runs) > 1:
         mrrs = torch.tensor([r["mrr"] for r in runs])
@@ -56,7 +58,10 @@ def compare(model: CellularCube, train: Split, val: HeldOut, test: HeldOut, seed
     report.update(baselines or baseline_report(train, val, test, seeds))
     best = report["best_baseline"]
     report["cube_minus_best_mrr"] = report["cube"]["mrr"] - report["baselines"][best]["mrr"]
-    scores = torch.nn.functional.normalize(cube_pred, dim=-1) @ torch.nn.functional.normalize(test.pool - model.a_mean.cpu(), dim=-1).T
+    scores = (
+        torch.nn.functional.normalize(cube_pred, dim=-1)
+        @ torch.nn.functional.normalize(test.pool - model.a_mean.cpu(), dim=-1).T
+    )
     picks = scores.argmax(1)
     step = max(1, len(test.q) // n_examples)
     report["examples"] = [
@@ -89,8 +94,11 @@ def evaluate_run(run_path: str | Path, test: HeldOut | None = None, source: str 
 def format_report(report: dict, n_examples: int = 5) -> str:
     """The comparison as a plain-text table, best baseline marked, examples below."""
     header = f"{'method':<18} {'space':<8} " + " ".join(f"{m:>9}" for m in METRICS)
-    lines = [f"held-out questions: {report['n_questions']}, candidate pool: {report['pool_size']} distinct answers", header,
-             "-" * len(header)]
+    lines = [
+        f"held-out questions: {report['n_questions']}, candidate pool: {report['pool_size']} distinct answers",
+        header,
+        "-" * len(header),
+    ]
 
     def row(name: str, space: str, m: dict) -> str:
         spread = f" ±{m['mrr_std']:.3f}" if "mrr_std" in m else ""
@@ -101,12 +109,19 @@ def format_report(report: dict, n_examples: int = 5) -> str:
         mark = "  <- best baseline" if name == report["best_baseline"] else ""
         lines.append(row(name, report["baseline_details"][name]["space"], m) + mark)
     lines.append(row("chance", "", report["chance"]))
-    verdict = "beats" if report["cube_minus_best_mrr"] > 0 else ("ties" if report["cube_minus_best_mrr"] == 0 else "is below")
-    lines.append(f"cube MRR {verdict} the best baseline ({report['best_baseline']}) by {report['cube_minus_best_mrr']:+.3f}")
+    verdict = (
+        "beats" if report["cube_minus_best_mrr"] > 0 else ("ties" if report["cube_minus_best_mrr"] == 0 else "is below")
+    )
+    lines.append(
+        f"cube MRR {verdict} the best baseline ({report['best_baseline']}) by {report['cube_minus_best_mrr']:+.3f}"
+    )
     lines.append("")
     lines.append("examples (cube's answer = nearest of the pool's answers to its prediction):")
     for ex in report["examples"][:n_examples]:
-        lines += [f"  Q: {ex['question']}", f"  cube: {_short(ex['cube_answer'])}" + ("  [right]" if ex["correct"] else "  [wrong]")]
+        lines += [
+            f"  Q: {ex['question']}",
+            f"  cube: {_short(ex['cube_answer'])}" + ("  [right]" if ex["correct"] else "  [wrong]"),
+        ]
         if not ex["correct"]:
             lines.append(f"  true: {_short(ex['true_answer'])}")
     return "\n".join(lines)

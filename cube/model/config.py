@@ -22,7 +22,9 @@ class CubeConfig:
     steps_jitter: int = 4  # training runs steps + U{0..jitter} steps, so that T is not a cliff edge
     adapter: Literal["linear", "mlp"] = "linear"  # question → face: linear, or LayerNorm → linear → GELU
     normalize_input: bool = False  # L2-normalise the centred question, as the centred baselines do
-    lattice: bool = True  # False: the decoder reads the front face directly (the ablation that shows what the lattice adds)
+    lattice: bool = (
+        True  # False: the decoder reads the front face directly (the ablation that shows what the lattice adds)
+    )
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "depth", "channels", "hidden", "io_channels", "steps"):
@@ -44,7 +46,10 @@ class CubeConfig:
         if self.adapter not in ("linear", "mlp"):
             raise ValueError(f"adapter must be 'linear' or 'mlp', got {self.adapter!r}")
         if self.transport_init and self.perception != "learned":
-            raise ValueError("transport_init needs perception='learned' (fixed Sobel filters have no front tap); set transport_init=false")
+            raise ValueError(
+                "transport_init needs perception='learned' (fixed Sobel filters have no front tap); set "
+                "transport_init=false"
+            )
 
     @property
     def face(self) -> int:

@@ -47,7 +47,7 @@ class CellularCube(nn.Module):
         self.register_buffer("q_mean", torch.zeros(embed_dim))
         self.register_buffer("a_mean", torch.zeros(embed_dim))
 
-    def use_kernel(self, kernel: LatticeKernel) -> "CellularCube":
+    def use_kernel(self, kernel: LatticeKernel) -> CellularCube:
         """Compute the lattice's conv with `kernel` (see KERNELS); the weights are unchanged."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")

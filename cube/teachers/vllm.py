@@ -14,7 +14,7 @@ import importlib.util
 import numpy as np
 import torch
 
-from cube.teachers import Embeddings, TeacherConfig, TeacherError, resolve_source
+from cube.teachers.base import Embeddings, TeacherConfig, TeacherError, resolve_source
 
 
 def check_vllm_available() -> None:

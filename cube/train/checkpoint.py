@@ -14,14 +14,16 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from cube.config import from_dict
 from cube.model import CellularCube, CubeConfig
-from cube.train.loop import EpochEnd
+
+if TYPE_CHECKING:  # the loop imports nothing of this module; serving loads checkpoints without the loop
+    from cube.train.loop import EpochEnd
 
 FORMAT_VERSION = 1
 
@@ -55,14 +57,18 @@ def check_teacher(stored: dict[str, Any], expected: dict[str, Any], where: str) 
     Raises:
         CheckpointError: listing every field that differs.
     """
-    diffs = {k: (stored.get(k), expected.get(k)) for k in set(stored) | set(expected) if stored.get(k) != expected.get(k)}
+    diffs = {
+        k: (stored.get(k), expected.get(k)) for k in set(stored) | set(expected) if stored.get(k) != expected.get(k)
+    }
     if diffs:
         detail = ", ".join(f"{k}: checkpoint={a!r} vs requested={b!r}" for k, (a, b) in sorted(diffs.items()))
         raise CheckpointError(f"{where} was trained with a different teacher ({detail}); "
                               "embed with the checkpoint's teacher settings or retrain")
 
 
-def load_checkpoint(folder: str | Path, expected_teacher: dict[str, Any] | None = None) -> tuple[CellularCube, dict[str, Any]]:
+def load_checkpoint(
+    folder: str | Path, expected_teacher: dict[str, Any] | None = None
+) -> tuple[CellularCube, dict[str, Any]]:
     """(model in eval mode, config dict).
 
     Raises:
@@ -111,6 +117,8 @@ def publish(src: str | Path, dst: str | Path) -> Path:
 
 def save_epoch(folder: str | Path, end: EpochEnd, teacher: dict[str, Any], split_seed: int) -> Path:
     """One resumable checkpoint: weights + config, and the optimiser/scheduler/RNG state."""
-    save_checkpoint(folder, end.model, teacher, {"split_seed": split_seed, "epoch": end.metrics["epoch"], "val": end.val})
+    save_checkpoint(
+        folder, end.model, teacher, {"split_seed": split_seed, "epoch": end.metrics["epoch"], "val": end.val}
+    )
     save_train_state(folder, *end.train_state())
     return Path(folder)

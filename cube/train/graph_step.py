@@ -28,9 +28,9 @@ Not supported: DistributedDataParallel (one process per GPU trains alone here), 
 replacing tensors after the first step (`optimizer.load_state_dict`, `model.to`, an LR
 scheduler of your own on `optimizer`, which writes a float rate): every step checks that the
 graphs still read the live tensors and raises if not. `model.load_state_dict` copies in place
-and is fine; the step's own schedule is `scheduler`, and `restore` loads a checkpoint's. No silent fallbacks: `capture=True`
-on a non-CUDA device raises; `capture=False` runs the very same step eagerly, on any device,
-for tests and for comparison.
+and is fine; the step's own schedule is `scheduler`, and `restore` loads a checkpoint's.
+No silent fallbacks: `capture=True` on a non-CUDA device raises; `capture=False` runs the very
+same step eagerly, on any device, for tests and for comparison.
 """
 
 from __future__ import annotations
@@ -38,18 +38,20 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from cube.train.losses import LossConfig, cube_loss
 from cube.model import CellularCube, CubeOutput, LatticeKernel
+from cube.train.losses import LossConfig, cube_loss
 from cube.train.optim import OptimConfig, make_optimizer, restore_training_state
 
 TERMS = ("total", "dialogue", "surface", "internal", "grad_norm")
 
 
-def lattice_step(model: CellularCube, x: torch.Tensor, inject: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lattice_step(
+    model: CellularCube, x: torch.Tensor, inject: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One lattice step with this step's fire mask: the unit `torch.compile` fuses (the mask's
     random draw, the clamp, bias, relu and residual adds around the two convs)."""
     return model.step(x, inject, keep, model.fire_mask(x))
@@ -78,7 +80,9 @@ def _capture_context() -> Iterator[None]:
     The same settings hold during capture, so nothing a guard sees changes between the two."""
     import torch._dynamo  # loaded by torch.optim already
 
-    strict = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else {}
+    strict = (
+        {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else {}
+    )
     with warnings.catch_warnings(), torch._dynamo.config.patch(**strict):
         warnings.filterwarnings("ignore", message=".*capturable=True.*")
         yield
@@ -118,7 +122,9 @@ class GraphedCubeStep:
             model.to(memory_format=torch.channels_last_3d)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._make_optimizer(steps_per_epoch, world_size)
-        self._lattice_step: Callable = torch.compile(lattice_step, dynamic=False, fullgraph=True) if compile_step else lattice_step
+        self._lattice_step: Callable = (
+            torch.compile(lattice_step, dynamic=False, fullgraph=True) if compile_step else lattice_step
+        )
         cfg = model.cfg
         self.step_counts = tuple(range(cfg.steps, cfg.steps + (cfg.steps_jitter if cfg.lattice else 0) + 1))
         self._q = torch.zeros(batch_size, model.embed_dim, device=self.device)
@@ -183,10 +189,14 @@ class GraphedCubeStep:
             terms = cube_loss(out, a_c, target_face, self.loss_cfg)
         terms["total"].backward()
         clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, clip, foreach=True if self.device.type == "cuda" else None)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self._params, clip, foreach=True if self.device.type == "cuda" else None
+        )
         self.optimizer.step()
         with torch.no_grad():
-            self._out.copy_(torch.stack([terms["total"], terms["dialogue"], terms["surface"], terms["internal"], grad_norm]))
+            self._out.copy_(
+                torch.stack([terms["total"], terms["dialogue"], terms["surface"], terms["internal"], grad_norm])
+            )
 
     def _forward(self, q_c: torch.Tensor, steps: int) -> CubeOutput:
         """`CellularCube.forward` with T fixed, through the pure step (compiled if asked)."""

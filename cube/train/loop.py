@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +20,15 @@ from cube.eval.metrics import HeldOut, Split
 from cube.model import CellularCube, CubeConfig
 from cube.train.graph_step import GraphedCubeStep
 from cube.train.losses import LossConfig, cube_loss
-from cube.train.optim import (OptimConfig, autocast, lattice_kernel, make_optimizer, restore_training_state,
-                              training_state, use_cuda_graphs)
+from cube.train.optim import (
+    OptimConfig,
+    autocast,
+    lattice_kernel,
+    make_optimizer,
+    restore_training_state,
+    training_state,
+    use_cuda_graphs,
+)
 
 
 @dataclass
@@ -107,7 +115,9 @@ def build_model(cfg: CubeConfig, q_mean: torch.Tensor, a_mean: torch.Tensor, dev
     return model.to(device, memory_format=torch.channels_last_3d)
 
 
-def epoch_batches(train: Split, batch_size: int, steps: int, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def epoch_batches(
+    train: Split, batch_size: int, steps: int, seed: int, epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`steps` shuffled full batches; the order depends only on (seed, epoch), so a resumed run
     sees the same batches as an uninterrupted one."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -201,8 +211,10 @@ def fit(
     device = model.q_mean.device
     steps = steps_per_epoch or len(train.q) // optim_cfg.batch_size
     if steps < 1:
-        raise ValueError(f"{len(train.q)} training pairs make no full batch of optim.batch_size={optim_cfg.batch_size}; "
-                         "lower optim.batch_size (or use fewer workers)")
+        raise ValueError(
+            f"{len(train.q)} training pairs make no full batch of optim.batch_size={optim_cfg.batch_size}; "
+            "lower optim.batch_size (or use fewer workers)"
+        )
     model.use_kernel(lattice_kernel(optim_cfg, model.cfg, device))
     graphed = use_cuda_graphs(optim_cfg, device, world_size) if graphed is None else graphed
     if graphed:

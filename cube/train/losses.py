@@ -51,12 +51,16 @@ def internal_loss(last_update: torch.Tensor) -> torch.Tensor:
     return last_update.float().pow(2).mean()
 
 
-def cube_loss(out: CubeOutput, answer_centred: torch.Tensor, answer_face: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
+def cube_loss(
+    out: CubeOutput, answer_centred: torch.Tensor, answer_face: torch.Tensor, cfg: LossConfig
+) -> dict[str, torch.Tensor]:
     """All terms plus their weighted `total`; the caller logs every term."""
     terms = {
         "dialogue": dialogue_loss(out.pred.float(), answer_centred, cfg.temperature, cfg.infonce_weight),
         "surface": surface_loss(out.back.float(), answer_face.float()),
         "internal": internal_loss(out.last_update),
     }
-    terms["total"] = cfg.dialogue * terms["dialogue"] + cfg.surface * terms["surface"] + cfg.internal * terms["internal"]
+    terms["total"] = (
+        cfg.dialogue * terms["dialogue"] + cfg.surface * terms["surface"] + cfg.internal * terms["internal"]
+    )
     return terms

@@ -41,7 +41,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError(f"need epochs >= 1 and batch_size >= 2 (InfoNCE needs negatives), got {self.epochs}, {self.batch_size}")
+            raise ValueError(
+                f"need epochs >= 1 and batch_size >= 2 (InfoNCE needs negatives), got {self.epochs}, {self.batch_size}"
+            )
         if self.lr <= 0 or self.lr_reference_batch < 0:
             raise ValueError(f"need lr > 0 and lr_reference_batch >= 0, got {self.lr}, {self.lr_reference_batch}")
         if not 0 <= self.warmup_fraction < 1:
@@ -115,7 +117,9 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def training_state(opt: torch.optim.Optimizer, sched: Any, extra: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def training_state(
+    opt: torch.optim.Optimizer, sched: Any, extra: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Optimiser, scheduler and RNG state split into tensors (safetensors) and JSON."""
     sd = opt.state_dict()
     for group in sd["param_groups"]:  # the graphed step's rate is a device tensor; JSON wants a number
@@ -129,7 +133,9 @@ def training_state(opt: torch.optim.Optimizer, sched: Any, extra: dict[str, Any]
 IMPLEMENTATION_FLAGS = ("capturable", "foreach", "fused", "differentiable")
 
 
-def restore_training_state(opt: torch.optim.Optimizer, sched: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def restore_training_state(
+    opt: torch.optim.Optimizer, sched: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
