@@ -110,7 +110,7 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     fit(model, shard(config["train"], rank, world), config["val"], cfg.loss, cfg.optim,
-        seed=cfg.seed, probe=config["probe"], on_epoch=report, state=state, world_size=world,
+        seed=cfg.seed, rank=rank, probe=config["probe"], on_epoch=report, state=state, world_size=world,
         wrap=ray.train.torch.prepare_model, steps_per_epoch=config["steps_per_epoch"])
 
 

@@ -50,7 +50,7 @@ def test_missing_or_foreign_folder(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_optimizer_scheduler_rng_round_trip(tmp_path):
+def test_optimizer_scheduler_round_trip(tmp_path):
     model = trained_model()
     opt, sched = make_optimizer(model, OptimConfig(epochs=2), steps_per_epoch=5)
     for _ in range(3):
@@ -58,11 +58,9 @@ def test_optimizer_scheduler_rng_round_trip(tmp_path):
         opt.step()
         sched.step()
     save_train_state(tmp_path, *training_state(opt, sched, {"epoch": 1}))
-    expected_rng = torch.rand(3)
     opt2, sched2 = make_optimizer(model, OptimConfig(epochs=2), steps_per_epoch=5)
     tensors, meta = load_train_state(tmp_path)
     restore_training_state(opt2, sched2, tensors, meta)
-    assert torch.equal(torch.rand(3), expected_rng)
     assert sched2.last_epoch == 3 and sched2.get_last_lr() == sched.get_last_lr()
     for a, b in zip(opt.state.values(), opt2.state.values()):
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"])

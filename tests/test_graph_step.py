@@ -118,14 +118,15 @@ def test_pure_step_loop_equals_run_lattice(training):
     {"perception": "sobel", "transport_init": False}, {"residual": False},
 ])
 def test_fast_forward_is_the_model_forward(options):
-    """The graphed step's forward (pure steps, T fixed) is CellularCube.forward, for every
-    architecture option: a new option in forward that the fast path misses fails here."""
+    """The graphed step's forward (its lattice step function, T fixed) is CellularCube.forward
+    step by step through the analysis hooks, for every architecture option: a new option in
+    forward that the fast path misses fails here."""
     model = tiny_model(dataclasses.replace(TINY, **options))
     fast = GraphedCubeStep(model, LossConfig(), OptimConfig(epochs=1), B, 3, capture=False, channels_last=False)
     q = torch.randn(B, E)
     with torch.no_grad():
-        got = seeded(lambda: fast._forward(q, 4))
-        want = seeded(lambda: model(q, steps=4))
+        got = seeded(lambda: model(q, steps=4, step_fn=fast._lattice_step))
+        want = seeded(lambda: model(q, steps=4, layer_mask=torch.ones(TINY.depth)))
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 
@@ -155,7 +156,7 @@ def test_uncaptured_step_follows_train_epoch(precision, fire_rate):
     torch.manual_seed(3)
     want = [train_epoch(eager, [batch], opt, sched, LossConfig(), optim) for batch in data]
     torch.manual_seed(3)
-    got = [(fast.step(*batch), fast.terms["grad_norm"]) for batch in data]
+    got = [(fast.step(*batch)["total"], fast.terms["grad_norm"]) for batch in data]
     tol = {"rtol": 1e-5, "atol": 1e-6} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-3}
     torch.testing.assert_close(torch.stack([g[0] for g in got]), torch.tensor([w["loss/total"] for w in want]), **tol)
     torch.testing.assert_close(torch.stack([g[1] for g in got]), torch.tensor([w["grad_norm"] for w in want]), **tol)
@@ -176,7 +177,7 @@ def test_uncaptured_step_with_another_kernel_follows_train_epoch(kernel):
     torch.manual_seed(3)
     want = [train_epoch(eager, [batch], opt, sched, LossConfig(), optim) for batch in data]
     torch.manual_seed(3)
-    got = torch.stack([fast.step(*batch) for batch in data])
+    got = torch.stack([fast.step(*batch)["total"] for batch in data])
     torch.testing.assert_close(got, torch.tensor([w["loss/total"] for w in want]), rtol=1e-5, atol=1e-6)
     for p, q in zip(fast_model.parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
@@ -201,7 +202,7 @@ def test_run_epoch_reports_like_train_epoch():
 def test_step_returns_a_fresh_tensor_each_time():
     fast = GraphedCubeStep(tiny_model(), LossConfig(), OptimConfig(epochs=1), B, steps_per_epoch=3, capture=False)
     (q1, a1), (q2, a2) = batches(2)
-    first = fast.step(q1, a1)
+    first = fast.step(q1, a1)["total"]
     kept = first.clone()
     fast.step(q2, a2)
     assert torch.equal(first, kept)
@@ -236,7 +237,7 @@ def test_warmup_is_undone_exactly():
     losses = []
     for run in (warmed, fresh):
         torch.manual_seed(0)
-        losses.append(torch.stack([run.step(q, a) for q, a in data]))
+        losses.append(torch.stack([run.step(q, a)["total"] for q, a in data]))
     assert torch.equal(*losses)
     for p, q in zip(warmed.model.parameters(), fresh.model.parameters()):
         assert torch.equal(p, q)

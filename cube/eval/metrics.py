@@ -16,24 +16,62 @@ import torch.nn.functional as F
 METRICS = ("cos", "recall@1", "recall@5", "mrr")
 
 
-def ranks(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+RANK_BLOCK = 2048  # questions scored at once: memory is O(RANK_BLOCK × pool), never N × pool
+
+
+def ranks(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, block: int = RANK_BLOCK) -> torch.Tensor:
     """1-based rank of each row's true candidate among `pool` by cosine (ties count against us).
 
-    pred (N, E), pool (P, E), target (N,) indices into pool.
-    """
-    scores = F.normalize(pred.float(), dim=-1) @ F.normalize(pool.float(), dim=-1).T  # (N, P)
-    true = scores.gather(1, target.to(scores.device).view(-1, 1))  # (N, 1)
-    return 1 + (scores > true).sum(1) + ((scores == true).sum(1) - 1)
+    pred (N, E), pool (P, E), target (N,) indices into pool. A prediction with a non-finite
+    value (or whose true candidate has one) ranks last, P: a diverged model must never score.
+    Rows are scored `block` at a time, so a pool of millions of answers stays exact."""
+    keys = F.normalize(pool.float(), dim=-1)  # (P, E)
+    target = target.to(keys.device)
+    out = torch.empty(len(pred), dtype=torch.long, device=keys.device)
+    for start in range(0, len(pred), block):
+        p = pred[start : start + block].to(keys.device).float()
+        scores = F.normalize(p, dim=-1) @ keys.T  # (b, P)
+        true = scores.gather(1, target[start : start + block].view(-1, 1))  # (b, 1)
+        rank = (scores >= true).sum(1)  # 1 + those above + the ties, ours excluded
+        finite = torch.isfinite(p).all(1) & torch.isfinite(true[:, 0])
+        out[start : start + block] = torch.where(finite, rank, len(pool))
+    return out
+
+
+@torch.no_grad()
+def top_k(
+    queries: torch.Tensor, keys: torch.Tensor, k: int, block: int = RANK_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, indices), each (N, k): the `k` keys nearest each query by cosine, best first,
+    found `block` queries at a time. `keys` may be pre-normalised; they are normalised again.
+    A non-finite query gets -inf scores (it finds nothing)."""
+    keys = F.normalize(keys.float(), dim=-1)
+    k = min(k, len(keys))
+    scores, indices = [], []
+    for start in range(0, len(queries), block):
+        q = queries[start : start + block].to(keys.device).float()
+        s = (F.normalize(q, dim=-1) @ keys.T).nan_to_num(nan=-torch.inf)
+        best, idx = s.topk(k, dim=1)
+        scores.append(best)
+        indices.append(idx)
+    if not scores:
+        return keys.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(scores), torch.cat(indices)
 
 
 def retrieval_metrics(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Mean cosine to the true answer, recall@1, recall@5 and MRR over `pool`, and the share of
+    predictions that are non-finite (they rank last and count as cosine -1)."""
     r = ranks(pred, pool, target).float()
+    finite = torch.isfinite(pred.float()).all(-1)
     cos = F.cosine_similarity(pred.float(), pool[target.to(pool.device)].float(), dim=-1)
+    cos = torch.where(finite & torch.isfinite(cos), cos, -1.0)
     return {
         "cos": cos.mean().item(),
         "recall@1": (r <= 1).float().mean().item(),
         "recall@5": (r <= 5).float().mean().item(),
         "mrr": (1.0 / r).mean().item(),
+        "nonfinite": 1.0 - finite.float().mean().item(),
     }
 
 
@@ -68,17 +106,12 @@ class HeldOut:
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame, q: np.ndarray, a: np.ndarray) -> HeldOut:
-        """`df` rows align with `q` and `a` (one embedding per row)."""
-        index: dict[str, int] = {}  # answer text → pool position
-        first_rows: list[int] = []  # the row that supplies each pool entry
-        target = []
-        for row, text in enumerate(df["answer"]):
-            if text not in index:
-                index[text] = len(index)
-                first_rows.append(row)
-            target.append(index[text])
-        return cls(torch.as_tensor(q), torch.as_tensor(a[first_rows]), torch.tensor(target),
-                   df["question"].tolist(), list(index))
+        """`df` rows align with `q` and `a` (one embedding per row); the pool is the distinct
+        answers in order of first appearance, each with the vector of its first row."""
+        target, answers = pd.factorize(df["answer"], sort=False)
+        first_rows = pd.Series(np.arange(len(df))).groupby(target).first().to_numpy()
+        return cls(torch.as_tensor(q), torch.as_tensor(a[first_rows]), torch.as_tensor(target, dtype=torch.long),
+                   df["question"].tolist(), list(answers))
 
     def __len__(self) -> int:
         return len(self.q)

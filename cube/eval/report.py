@@ -14,7 +14,7 @@ from cube.config import load_config
 from cube.data.rundir import RunDir
 from cube.eval.baselines import Centering, Predictor, fit_baselines
 from cube.eval.inference import predict
-from cube.eval.metrics import METRICS, HeldOut, Split, chance_metrics, retrieval_metrics
+from cube.eval.metrics import METRICS, HeldOut, Split, chance_metrics, retrieval_metrics, top_k
 from cube.job_config import TrainConfig
 from cube.model import CellularCube, count_parameters
 from cube.train.checkpoint import load_checkpoint
@@ -58,16 +58,13 @@ def compare(model: CellularCube, train: Split, val: HeldOut, test: HeldOut, seed
     report.update(baselines or baseline_report(train, val, test, seeds))
     best = report["best_baseline"]
     report["cube_minus_best_mrr"] = report["cube"]["mrr"] - report["baselines"][best]["mrr"]
-    scores = (
-        torch.nn.functional.normalize(cube_pred, dim=-1)
-        @ torch.nn.functional.normalize(test.pool - model.a_mean.cpu(), dim=-1).T
-    )
-    picks = scores.argmax(1)
-    step = max(1, len(test.q) // n_examples)
+    shown = torch.arange(0, len(test.q), max(1, len(test.q) // n_examples))[:n_examples]
+    picks = top_k(cube_pred[shown], test.pool - model.a_mean.cpu(), 1)[1][:, 0]
+    finite = torch.isfinite(cube_pred[shown]).all(1)
     report["examples"] = [
-        {"question": test.questions[i], "cube_answer": test.answers[int(picks[i])],
-         "true_answer": test.answers[int(test.target[i])], "correct": bool(picks[i] == test.target[i])}
-        for i in range(0, len(test.q), step)[:n_examples]
+        {"question": test.questions[i], "cube_answer": test.answers[int(pick)] if ok else "(non-finite prediction)",
+         "true_answer": test.answers[int(test.target[i])], "correct": bool(ok and pick == test.target[i])}
+        for i, pick, ok in zip(shown.tolist(), picks.tolist(), finite.tolist())
     ]
     return report
 
@@ -115,6 +112,10 @@ def format_report(report: dict, n_examples: int = 5) -> str:
     lines.append(
         f"cube MRR {verdict} the best baseline ({report['best_baseline']}) by {report['cube_minus_best_mrr']:+.3f}"
     )
+    if report["cube"].get("nonfinite", 0) > 0:
+        share = report["cube"]["nonfinite"]
+        lines.append(f"WARNING: {share:.0%} of the cube's predictions are non-finite (NaN or inf); they rank last. "
+                     "The checkpoint is broken: retrain with a lower optim.lr")
     lines.append("")
     lines.append("examples (cube's answer = nearest of the pool's answers to its prediction):")
     for ex in report["examples"][:n_examples]:

@@ -12,6 +12,7 @@ buffers (and so in the checkpoint), because raw LLM states are dominated by thei
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -43,6 +44,9 @@ class CellularCube(nn.Module):
             nn.init.zeros_(self.decoder.weight)
             nn.init.zeros_(self.decoder.bias)
         self.rule = UpdateRule(cfg)
+        # The ablation keeps the rule (one checkpoint shape for both) but frozen: under DDP a
+        # parameter that never gets a gradient would stall the gradient all-reduce.
+        self.rule.requires_grad_(cfg.lattice)
         # Centring statistics from the training split; set by `set_centering`, saved with the weights.
         self.register_buffer("q_mean", torch.zeros(embed_dim))
         self.register_buffer("a_mean", torch.zeros(embed_dim))
@@ -112,24 +116,33 @@ class CellularCube(nn.Module):
         x, dx = self.update(x, inject, keep, fire)
         return x + dx, dx
 
+    def draw_steps(self) -> int:
+        """T for this forward: `steps`, plus U{0..steps_jitter} in training (drawn on the host from
+        the CPU generator), so that T is not a cliff edge. The ablation has no lattice to jitter."""
+        c = self.cfg
+        if self.training and c.steps_jitter and c.lattice:
+            return c.steps + int(torch.randint(0, c.steps_jitter + 1, ()))
+        return c.steps
+
     def run_lattice(
         self, front: torch.Tensor, steps: int | None = None, layer_mask: torch.Tensor | None = None,
-        damage: tuple[int, torch.Tensor] | None = None,
+        damage: tuple[int, torch.Tensor] | None = None, step_fn: LatticeStep | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run T steps with `front` (B, k, H, W) clamped onto the front face.
+        """Run T steps (`draw_steps()` unless given) with `front` (B, k, H, W) clamped onto the front face.
 
-        `layer_mask` (D,) scales each depth layer's update (1 = normal, 0 = frozen) and `damage`
-        = (step, mask (D, H, W)) zeroes cells once; both exist for `cube analyze`.
-        Returns the final state (B, C, D, H, W) and the last applied update.
+        `step_fn` computes one step (default `lattice_step` below; the GPU step passes a compiled
+        one). `layer_mask` (D,) scales each depth layer's update (1 = normal, 0 =
+        frozen) and `damage` = (step, mask (D, H, W)) zeroes cells once; both exist for
+        `cube analyze`. Returns the final state (B, C, D, H, W) and the last applied update.
         """
-        c = self.cfg
         x, inject, keep = self.lattice_inputs(front)
         dx = torch.zeros_like(x)
-        if steps is None:
-            steps = c.steps
-            if self.training and c.steps_jitter:
-                steps += int(torch.randint(0, c.steps_jitter + 1, ()))
+        steps = self.draw_steps() if steps is None else steps
+        step_fn = step_fn or lattice_step
         for t in range(steps):
+            if layer_mask is None and damage is None:
+                x, dx = step_fn(self, x, inject, keep)
+                continue
             x, dx = self.update(x, inject, keep, self.fire_mask(x))
             if layer_mask is not None:
                 dx = dx * layer_mask.view(1, 1, -1, 1, 1)
@@ -159,6 +172,17 @@ class CellularCube(nn.Module):
     def predict(self, q: torch.Tensor, **lattice_kwargs) -> torch.Tensor:
         """Raw question embeddings (B, E) → centred answer predictions (B, E)."""
         return self(q - self.q_mean, **lattice_kwargs).pred
+
+
+def lattice_step(
+    model: CellularCube, x: torch.Tensor, inject: torch.Tensor, keep: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One lattice step with this step's fire mask: the unit `torch.compile` fuses on the GPU
+    (the mask's random draw, the clamp, bias, relu and residual adds around the two convs)."""
+    return model.step(x, inject, keep, model.fire_mask(x))
+
+
+LatticeStep = Callable[[CellularCube, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def count_parameters(model: nn.Module) -> int:

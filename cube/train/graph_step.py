@@ -36,25 +36,15 @@ same step eagerly, on any device, for tests and for comparison.
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
-from cube.model import CellularCube, CubeOutput, LatticeKernel
-from cube.train.losses import LossConfig, cube_loss
+from cube.model import CellularCube, LatticeKernel, LatticeStep, lattice_step
+from cube.train.losses import LossConfig
 from cube.train.optim import OptimConfig, make_optimizer, restore_training_state
-
-TERMS = ("total", "dialogue", "surface", "internal", "grad_norm")
-
-
-def lattice_step(
-    model: CellularCube, x: torch.Tensor, inject: torch.Tensor, keep: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One lattice step with this step's fire mask: the unit `torch.compile` fuses (the mask's
-    random draw, the clamp, bias, relu and residual adds around the two convs)."""
-    return model.step(x, inject, keep, model.fire_mask(x))
+from cube.train.step import TERMS, run_epoch, train_step
 
 
 def fast_backends(tf32: bool = True) -> None:
@@ -121,8 +111,9 @@ class GraphedCubeStep:
         if channels_last:
             model.to(memory_format=torch.channels_last_3d)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self.steps_per_epoch = steps_per_epoch
         self._make_optimizer(steps_per_epoch, world_size)
-        self._lattice_step: Callable = (
+        self._lattice_step: LatticeStep = (
             torch.compile(lattice_step, dynamic=False, fullgraph=True) if compile_step else lattice_step
         )
         cfg = model.cfg
@@ -140,13 +131,13 @@ class GraphedCubeStep:
     def _make_optimizer(self, steps_per_epoch: int, world_size: int) -> None:
         """AdamW with make_optimizer's hyperparameters and schedule, but a device-tensor LR."""
         reference, sched = make_optimizer(self.model, self.optim_cfg, steps_per_epoch, world_size)
-        # The schedule lives on an optimiser that never steps: LambdaLR writes a float rate into its
+        # The schedule lives on an optimiser that never steps: the scheduler writes a float rate into its
         # optimiser's groups, which would cut the graphs off the rate tensor. It is stepped with
         # every step, gives the rate the device tensor carries, and its state is what checkpoints
         # hold, the same as train_epoch's.
         self.scheduler = sched
         reference.zero_grad(set_to_none=True)
-        reference.step()  # a no-op (no gradients), so that LambdaLR sees its optimiser step before it does
+        reference.step()  # a no-op (no gradients), so that the scheduler sees its optimiser step before it does
         d = reference.defaults
         cuda = self.device.type == "cuda"
         self.lr_tensor = torch.tensor(self.lr, device=self.device)
@@ -172,60 +163,24 @@ class GraphedCubeStep:
         """The last step's loss terms and gradient norm (device tensors, not overwritten later)."""
         return dict(zip(TERMS, self._last.unbind()))
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.optim_cfg.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
-
     def _body(self, steps: int) -> None:
-        """The whole training step on the static buffers; captured as-is by `_capture`."""
-        m = self.model
-        self.optimizer.zero_grad(set_to_none=False)
-        q_c, a_c = self._q - m.q_mean, self._a - m.a_mean
-        with self._autocast():
-            out = self._forward(q_c, steps)
-            with torch.no_grad():
-                target_face = m.encode_face(a_c)
-            terms = cube_loss(out, a_c, target_face, self.loss_cfg)
-        terms["total"].backward()
-        clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self._params, clip, foreach=True if self.device.type == "cuda" else None
-        )
-        self.optimizer.step()
+        """The whole training step on the static buffers (cube.train.step.train_step, with T =
+        `steps` and the possibly compiled lattice step); captured as-is by `_capture`."""
+        terms = train_step(self.model, self.model, self._q, self._a, self.optimizer, self._params, self.loss_cfg,
+                           self.optim_cfg, steps, step_fn=self._lattice_step, autocast_cache=False)
         with torch.no_grad():
-            self._out.copy_(
-                torch.stack([terms["total"], terms["dialogue"], terms["surface"], terms["internal"], grad_norm])
-            )
+            self._out.copy_(torch.stack([terms[k].detach().float() for k in TERMS]))
 
-    def _forward(self, q_c: torch.Tensor, steps: int) -> CubeOutput:
-        """`CellularCube.forward` with T fixed, through the pure step (compiled if asked)."""
-        m = self.model
-        if not m.cfg.lattice:  # the ablation has no lattice to step
-            return m(q_c)
-        front = m.encode_face(q_c)
-        x, inject, keep = m.lattice_inputs(front)
-        x, dx = self._lattice_step(m, x, inject, keep)  # steps >= 1 (CubeConfig checks)
-        for _ in range(steps - 1):
-            x, dx = self._lattice_step(m, x, inject, keep)
-        return m.readout(q_c, x, dx)
-
-    def _draw_steps(self) -> int:
-        """T for this step, from the CPU generator, as CellularCube.run_lattice draws it."""
-        cfg = self.model.cfg
-        jitter = cfg.steps_jitter if cfg.lattice else 0
-        return cfg.steps + (int(torch.randint(0, jitter + 1, ())) if jitter else 0)
-
-    def step(self, q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """One training step on raw (question, answer) embeddings (B, E); returns the total loss
-        as a fresh device tensor (no host sync). The first call captures the graphs."""
+    def step(self, q: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training step on raw (question, answer) embeddings (B, E); returns the loss terms
+        and gradient norm as fresh device tensors (no host sync). The first call captures the graphs."""
         if q.shape != self._q.shape or a.shape != self._a.shape:
             raise ValueError(f"this step was built for batches of shape {tuple(self._q.shape)}, got {tuple(q.shape)} "
                              f"and {tuple(a.shape)}; drop the last partial batch (drop_last=True)")
         self.model.train()  # scoring between epochs leaves it in eval mode (no fire mask, no jitter)
         self._q.copy_(q, non_blocking=True)
         self._a.copy_(a, non_blocking=True)
-        steps = self._draw_steps()
+        steps = self.model.draw_steps()
         self.lr_tensor.fill_(self.lr)
         if not self.capture:
             self._body(steps)
@@ -236,7 +191,7 @@ class GraphedCubeStep:
             self._graphs[steps].replay()
         self.scheduler.step()
         self._last = self._out.clone()
-        return self._last[0]
+        return self.terms
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Continue from a checkpoint's training state (`cube.train.optim.training_state`'s format,
@@ -246,24 +201,18 @@ class GraphedCubeStep:
         restore_training_state(self.optimizer, self.scheduler, tensors, meta)
         for group in self.optimizer.param_groups:  # load_state_dict wrote the saved float rate
             group["lr"] = self.lr_tensor
+        # The cosine continues from its optimiser's current rate (torch's chainable form): give the
+        # schedule's own optimiser the saved rate too.
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
         self.lr_tensor.fill_(self.lr)
 
-    def run_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    def run_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int = 0) -> dict[str, float]:
         """`train_epoch`'s report (mean loss terms, mean grad norm, samples/s, lr) for the
-        graphed step; syncs with the device once, at the end."""
-        total = torch.zeros_like(self._out)
-        n_batches, n_samples, start = 0, 0, time.perf_counter()
-        for q, a in batches:
-            self.step(q.to(self.device, non_blocking=True), a.to(self.device, non_blocking=True))
-            total += self._last
-            n_batches += 1
-            n_samples += q.shape[0]
-        if n_batches == 0:
-            raise RuntimeError("no training batches")
-        means = (total / n_batches).tolist()
-        elapsed = time.perf_counter() - start
-        out = {f"loss/{k}" if k != "grad_norm" else k: v for k, v in zip(TERMS, means)}
-        return {**out, "samples_per_s": n_samples / elapsed, "lr": self.lr}
+        graphed step (cube.train.step.run_epoch, which also stops a diverged run)."""
+        peak = self.scheduler.optimizer.param_groups[0]["initial_lr"]
+        out = run_epoch(self.step, batches, self.device, epoch, self.steps_per_epoch, peak, self.optim_cfg)
+        return {**out, "lr": self.lr}
 
     # --- capture -----------------------------------------------------------------------
 

@@ -7,28 +7,29 @@ per-epoch callback (report to Ray, checkpoint, collect numbers).
 from __future__ import annotations
 
 import resource
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from cube.eval.inference import score_held_out
 from cube.eval.metrics import HeldOut, Split
 from cube.model import CellularCube, CubeConfig
 from cube.train.graph_step import GraphedCubeStep
-from cube.train.losses import LossConfig, cube_loss
+from cube.train.losses import LossConfig
 from cube.train.optim import (
     OptimConfig,
-    autocast,
     lattice_kernel,
     make_optimizer,
     restore_training_state,
     training_state,
     use_cuda_graphs,
 )
+from cube.train.step import DivergenceError, run_epoch, train_step
 
 
 @dataclass
@@ -58,49 +59,26 @@ def unwrap(model: nn.Module) -> CellularCube:
 
 def train_epoch(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler, loss_cfg: LossConfig, optim_cfg: OptimConfig,
-    scaler: torch.amp.GradScaler | None = None,
+    sched: LRScheduler, loss_cfg: LossConfig, optim_cfg: OptimConfig,
+    scaler: torch.amp.GradScaler | None = None, epoch: int = 0, steps: int = 0,
 ) -> dict[str, float]:
-    """Train on `batches` of raw (question, answer) embeddings; return mean loss terms,
-    mean gradient norm and samples/s. Syncs with the device once, at the end."""
+    """Train on `batches` of raw (question, answer) embeddings through `model` (the cube, or DDP
+    around it); return mean loss terms, mean gradient norm, samples/s and the rate.
+
+    Raises:
+        DivergenceError: a step's loss or gradient norm was non-finite.
+    """
     core = unwrap(model)
-    device = core.q_mean.device
     model.train()
-    sums: dict[str, torch.Tensor] = {}
-    n_batches, n_samples, start = 0, 0, time.perf_counter()
-    for q, a in batches:
-        q, a = q.to(device, non_blocking=True), a.to(device, non_blocking=True)
-        q_c, a_c = q - core.q_mean, a - core.a_mean
-        with autocast(optim_cfg.precision, device):
-            out = model(q_c)
-            with torch.no_grad():
-                target_face = core.encode_face(a_c)
-            terms = cube_loss(out, a_c, target_face, loss_cfg)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(terms["total"]).backward()
-            scaler.unscale_(opt)
-        else:
-            terms["total"].backward()
-        clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(q: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = train_step(core, model, q, a, opt, params, loss_cfg, optim_cfg, core.draw_steps(), scaler=scaler)
         sched.step()
-        for k, v in {**terms, "grad_norm": grad_norm}.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        n_batches += 1
-        n_samples += q.shape[0]
-    if n_batches == 0:
-        raise RuntimeError("this worker received no training batches; use fewer workers or a smaller batch_size")
-    elapsed = time.perf_counter() - start
-    out = {f"loss/{k}" if k != "grad_norm" else k: (v / n_batches).item() for k, v in sums.items()}
-    out["samples_per_s"] = n_samples / elapsed
-    out["lr"] = sched.get_last_lr()[0]
-    return out
+        return terms
+
+    out = run_epoch(step, batches, core.q_mean.device, epoch, steps, opt.param_groups[0]["initial_lr"], optim_cfg)
+    return {**out, "lr": sched.get_last_lr()[0]}
 
 
 def build_model(cfg: CubeConfig, q_mean: torch.Tensor, a_mean: torch.Tensor, device: torch.device | str = "cpu",
@@ -115,15 +93,27 @@ def build_model(cfg: CubeConfig, q_mean: torch.Tensor, a_mean: torch.Tensor, dev
     return model.to(device, memory_format=torch.channels_last_3d)
 
 
-def epoch_batches(
-    train: Split, batch_size: int, steps: int, seed: int, epoch: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """`steps` shuffled full batches; the order depends only on (seed, epoch), so a resumed run
-    sees the same batches as an uninterrupted one."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(train.q), generator=gen)[: steps * batch_size].to(train.q.device)
-    for idx in order.split(batch_size):
-        yield train.q[idx], train.a[idx]
+Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch → that epoch's batches (q, a)
+
+
+def shuffled_batches(train: Split, batch_size: int, seed: int) -> Batches:
+    """Full batches of `train` (in memory), reshuffled every epoch; the order depends only on
+    (seed, epoch), so a resumed run sees the same batches as an uninterrupted one."""
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        steps = len(train.q) // batch_size
+        order = torch.randperm(len(train.q), generator=gen)[: steps * batch_size].to(train.q.device)
+        for idx in order.split(batch_size):
+            yield train.q[idx], train.a[idx]
+
+    return epoch_batches
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The RNG seed of one rank's epoch (fire masks, step jitter): a resumed run reseeds where the
+    uninterrupted one did, so resuming is exact without saving any RNG state."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
 @dataclass
@@ -134,7 +124,7 @@ class EpochEnd:
     val: dict[str, float]  # this epoch's validation metrics, unflattened (cos, recall@1, recall@5, mrr)
     model: CellularCube
     opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
+    sched: LRScheduler
     progress: Progress
 
     def train_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -151,10 +141,8 @@ def _flat(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}_{k.replace('@', '_at_')}": v for k, v in metrics.items()}
 
 
-RunEpoch = Callable[[Iterator[tuple[torch.Tensor, torch.Tensor]]], dict[str, float]]
-
-
-StepParts = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, RunEpoch]
+RunEpoch = Callable[[Iterable[tuple[torch.Tensor, torch.Tensor]], int], dict[str, float]]  # (batches, epoch)
+StepParts = tuple[torch.optim.Optimizer, LRScheduler, RunEpoch]
 
 
 def _eager_step(
@@ -168,9 +156,10 @@ def _eager_step(
     net = wrap(model) if wrap is not None else model
     scaler = torch.amp.GradScaler("cuda") if optim_cfg.precision == "fp16" else None
 
-    def run_epoch(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        return train_epoch(net, batches, opt, sched, loss_cfg, optim_cfg, scaler)
-    return opt, sched, run_epoch
+    def one_epoch(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> dict[str, float]:
+        return train_epoch(net, batches, opt, sched, loss_cfg, optim_cfg, scaler, epoch=epoch, steps=steps)
+
+    return opt, sched, one_epoch
 
 
 def _graphed_step(
@@ -189,52 +178,68 @@ def _graphed_step(
 
 
 def fit(
-    model: CellularCube, train: Split, val: HeldOut, loss_cfg: LossConfig, optim_cfg: OptimConfig, *,
-    seed: int = 0, probe: HeldOut | None = None, on_epoch: Callable[[EpochEnd], None] | None = None,
+    model: CellularCube, train: Split | Batches, val: HeldOut, loss_cfg: LossConfig, optim_cfg: OptimConfig, *,
+    seed: int = 0, rank: int = 0, probe: HeldOut | None = None, on_epoch: Callable[[EpochEnd], None] | None = None,
     state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None, world_size: int = 1,
     wrap: Callable[[nn.Module], nn.Module] | None = None, steps_per_epoch: int | None = None,
     graphed: bool | None = None,
 ) -> Progress:
-    """Train `model` on `train` (this process's shard), score `val` after every epoch.
+    """Train `model` on `train`, score `val` after every epoch.
 
-    `wrap` makes the module the optimiser steps through (DDP under Ray Train); `state` is a
-    checkpoint's (tensors, meta) from `checkpoint.load_train_state`, to continue where it
-    stopped; `probe` is a slice of training pairs scored like `val`, so train-vs-val gaps are
-    not an artefact of pool size. Every DDP rank must get the same `steps_per_epoch`.
-    `graphed` overrides `optim_cfg.cuda_graphs` (True on a CPU runs the graphed step's body
-    uncaptured: how the CPU tests check that path). The model keeps the lattice kernel that
-    `optim_cfg.kernel` resolves to (it changes speed, not results).
+    `train` is this process's training pairs in memory (shuffled every epoch), or a function from
+    the epoch to its batches (a Ray Data shard's stream) with `steps_per_epoch` given: every DDP
+    rank must take the same number of steps. `wrap` makes the module the optimiser steps through
+    (DDP under Ray Train); `state` is a checkpoint's (tensors, meta) from
+    `checkpoint.load_train_state`, to continue where it stopped; `probe` is a slice of training
+    pairs scored like `val`, so train-vs-val gaps are not an artefact of pool size. `graphed`
+    overrides `optim_cfg.cuda_graphs` (True on a CPU runs the graphed step's body uncaptured: how
+    the CPU tests check that path). The model keeps the lattice kernel that `optim_cfg.kernel`
+    resolves to (it changes speed, not results).
 
     Raises:
         ValueError: the shard holds fewer pairs than one batch.
+        DivergenceError: the loss, the gradients or the validation predictions became non-finite.
     """
     device = model.q_mean.device
-    steps = steps_per_epoch or len(train.q) // optim_cfg.batch_size
+    if isinstance(train, Split):
+        steps = steps_per_epoch or len(train.q) // optim_cfg.batch_size
+        pairs = len(train.q)
+        train = shuffled_batches(Split(train.q.to(device), train.a.to(device)), optim_cfg.batch_size, seed)
+    elif steps_per_epoch is None:
+        raise ValueError("fit(train=<a function of the epoch>) needs steps_per_epoch")
+    else:
+        steps, pairs = steps_per_epoch, steps_per_epoch * optim_cfg.batch_size
     if steps < 1:
         raise ValueError(
-            f"{len(train.q)} training pairs make no full batch of optim.batch_size={optim_cfg.batch_size}; "
+            f"{pairs} training pairs make no full batch of optim.batch_size={optim_cfg.batch_size}; "
             "lower optim.batch_size (or use fewer workers)"
         )
     model.use_kernel(lattice_kernel(optim_cfg, model.cfg, device))
     graphed = use_cuda_graphs(optim_cfg, device, world_size) if graphed is None else graphed
     if graphed:
-        opt, sched, run_epoch = _graphed_step(model, loss_cfg, optim_cfg, steps, world_size, state)
+        opt, sched, one_epoch = _graphed_step(model, loss_cfg, optim_cfg, steps, world_size, state)
     else:
-        opt, sched, run_epoch = _eager_step(model, loss_cfg, optim_cfg, steps, world_size, state, wrap)
+        opt, sched, one_epoch = _eager_step(model, loss_cfg, optim_cfg, steps, world_size, state, wrap)
     progress = Progress(**state[1]["progress"]) if state is not None else Progress()
     resumed_from = progress.epoch
-    on_device = Split(train.q.to(device), train.a.to(device))
     for epoch in range(progress.epoch, optim_cfg.epochs):
-        stats = run_epoch(epoch_batches(on_device, optim_cfg.batch_size, steps, seed, epoch))
+        torch.manual_seed(epoch_seed(seed, epoch, rank))
+        stats = one_epoch(islice(train(epoch), steps), epoch)
         val_metrics = score_held_out(model, val)
+        if val_metrics["nonfinite"] > 0:
+            raise DivergenceError(f"training diverged at epoch {epoch + 1}: {val_metrics['nonfinite']:.0%} of the "
+                                  "validation predictions are non-finite (NaN or inf) although the loss was finite; "
+                                  f"lower optim.lr (the peak rate was {opt.param_groups[0]['initial_lr']:.3g})")
         improved = progress.update(val_metrics["mrr"])
+        stop = progress.should_stop(optim_cfg.patience)
         metrics: dict[str, Any] = {"epoch": epoch + 1, **{k.replace("/", "_"): v for k, v in stats.items()},
-                                   **_flat("val", val_metrics), "peak_memory_mb": _peak_memory_mb(device),
-                                   "improved": improved, "resumed_from": resumed_from}
+                                   **_flat("val", val_metrics), "best_val_mrr": progress.best_val_mrr,
+                                   "peak_memory_mb": _peak_memory_mb(device), "improved": improved,
+                                   "resumed_from": resumed_from, "finished": stop or epoch + 1 == optim_cfg.epochs}
         if probe is not None:
             metrics.update(_flat("train", score_held_out(model, probe)))
         if on_epoch is not None:
             on_epoch(EpochEnd(metrics, val_metrics, model, opt, sched, progress))
-        if progress.should_stop(optim_cfg.patience):
+        if stop:
             break  # every rank sees the same val MRR, so all DDP ranks stop together
     return progress

@@ -5,12 +5,12 @@ precision), and the optimiser/scheduler/RNG state that checkpoints carry."""
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from cube.model import KERNELS, CubeConfig, LatticeKernel
 
@@ -24,6 +24,10 @@ class OptimConfig:
     # reference (Goyal et al. 2017); 0 turns scaling off. Measured: 2 workers × 32 at the
     # unscaled 1e-3 undertrain in 8 epochs (5-seed test MRR 0.922 vs 0.939 at 2e-3).
     lr_reference_batch: int = 32
+    # ... but never above max_lr (nor above lr itself where lr is set higher): 64 workers × 256 would
+    # otherwise give AdamW a peak near 0.5, where it diverges. Linear scaling is kept below the
+    # cap because it is what was measured to help at the sizes this project trains.
+    max_lr: float = 1e-2
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05  # of all optimiser steps
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -44,8 +48,9 @@ class OptimConfig:
             raise ValueError(
                 f"need epochs >= 1 and batch_size >= 2 (InfoNCE needs negatives), got {self.epochs}, {self.batch_size}"
             )
-        if self.lr <= 0 or self.lr_reference_batch < 0:
-            raise ValueError(f"need lr > 0 and lr_reference_batch >= 0, got {self.lr}, {self.lr_reference_batch}")
+        if self.lr <= 0 or self.lr_reference_batch < 0 or self.max_lr <= 0:
+            raise ValueError(f"need lr > 0, max_lr > 0 and lr_reference_batch >= 0, got {self.lr}, {self.max_lr}, "
+                             f"{self.lr_reference_batch}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.schedule not in ("cosine", "constant"):
@@ -61,28 +66,36 @@ class OptimConfig:
 
 
 def peak_lr(cfg: OptimConfig, world_size: int = 1) -> float:
-    """`cfg.lr` scaled linearly to the global batch of `world_size` workers."""
+    """`cfg.lr` scaled linearly to the global batch of `world_size` workers, capped at
+    max(cfg.max_lr, cfg.lr): scaling never takes the rate past the cap, an explicit lr is kept."""
     if not cfg.lr_reference_batch:
         return cfg.lr
-    return cfg.lr * world_size * cfg.batch_size / cfg.lr_reference_batch
+    scaled = cfg.lr * world_size * cfg.batch_size / cfg.lr_reference_batch
+    return min(scaled, max(cfg.max_lr, cfg.lr))
+
+
+COSINE_FLOOR = 0.05  # the cosine decays to this share of the peak rate, not to zero
 
 
 def make_optimizer(
     model: nn.Module, cfg: OptimConfig, steps_per_epoch: int, world_size: int = 1,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr(cfg, world_size), weight_decay=cfg.weight_decay)
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """AdamW over the trainable parameters, at `peak_lr`, with a linear warm-up over
+    `warmup_fraction` of all steps, then a cosine decay to COSINE_FLOOR of the peak (or a constant
+    rate): torch's own schedulers, one step per optimiser step."""
+    peak = peak_lr(cfg, world_size)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=peak,
+                            weight_decay=cfg.weight_decay)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(cfg.warmup_fraction * total)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    if cfg.schedule == "constant":
+        after: LRScheduler = ConstantLR(opt, factor=1.0, total_iters=0)
+    else:
+        after = CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=COSINE_FLOOR * peak)
+    if warmup == 0:
+        return opt, after
+    ramp = LinearLR(opt, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+    return opt, SequentialLR(opt, [ramp, after], milestones=[warmup])
 
 
 def lattice_kernel(cfg: OptimConfig, cube: CubeConfig, device: torch.device) -> LatticeKernel:
@@ -108,24 +121,26 @@ def use_cuda_graphs(cfg: OptimConfig, device: torch.device, world_size: int) -> 
     return not blockers
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(precision: str, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
+    """The autocast context of `precision` on `device`. `cache=False` for a CUDA graph: the
+    cache of cast weights would live outside the graph's memory pool."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision=fp16 needs a CUDA GPU; use bf16 on CPU")
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def training_state(
     opt: torch.optim.Optimizer, sched: Any, extra: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimiser, scheduler and RNG state split into tensors (safetensors) and JSON."""
+    """Optimiser and scheduler state split into tensors (safetensors) and JSON. No RNG state:
+    `fit` reseeds every epoch (cube.train.loop.epoch_seed), so a resume is exact without it."""
     sd = opt.state_dict()
     for group in sd["param_groups"]:  # the graphed step's rate is a device tensor; JSON wants a number
         group["lr"] = float(group["lr"])
     tensors = {f"opt.{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
     meta = {"param_groups": sd["param_groups"], "scheduler": sched.state_dict(), **extra}
     return tensors, meta
 
@@ -143,11 +158,12 @@ def restore_training_state(
             state.setdefault(int(pid), {})[name] = value
     # The saved hyperparameters, with this optimiser's implementation flags: a checkpoint of the
     # graphed step (capturable AdamW) resumes eagerly and the other way round.
-    groups = [{**saved, **{k: live[k] for k in IMPLEMENTATION_FLAGS if k in live}}
+    # The graphed step's own optimiser has no scheduler, so its groups carry no initial_lr: keep ours.
+    groups = [{**{k: live[k] for k in ("initial_lr",) if k in live}, **saved,
+               **{k: live[k] for k in IMPLEMENTATION_FLAGS if k in live}}
               for saved, live in zip(meta["param_groups"], opt.param_groups)]
     opt.load_state_dict({"state": state, "param_groups": groups})
     sched.load_state_dict(meta["scheduler"])
     for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # the rate of the next step, whoever saved it
         if not torch.is_tensor(group["lr"]):
             group["lr"] = lr
-    torch.set_rng_state(tensors["rng.torch"])
