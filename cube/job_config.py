@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cube.data.qa import DataConfig
+from cube.eval.baselines import parse_baselines
 from cube.model import CubeConfig
 from cube.teachers.base import TeacherConfig
 from cube.teachers.generate import GeneratorConfig
@@ -33,12 +34,15 @@ class PipelineOptions:
     # cores, and reserving only 1 CPU leaves Ray Data's own stages room (a Parquet listing needs
     # a whole free CPU, see check_room_for_listing). On 2 cores, 2 threads embed 1.7x faster than 1.
     threads_per_actor: int = 0
+    store_dtype: Literal["float32", "float16"] = "float32"  # the embedding store's vectors; float16 halves its disk
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.batch_size < 1:
             raise ValueError(f"concurrency and batch_size must be >= 1, got {self.concurrency}, {self.batch_size}")
         if self.num_gpus < 0 or self.cpus_per_actor <= 0:
             raise ValueError(f"need num_gpus >= 0 and cpus_per_actor > 0, got {self.num_gpus}, {self.cpus_per_actor}")
+        if self.store_dtype not in ("float32", "float16"):
+            raise ValueError(f"store_dtype must be float32 or float16, got {self.store_dtype!r}")
         if self.threads_per_actor < 0:
             raise ValueError(f"threads_per_actor must be >= 0 (0 = auto), got {self.threads_per_actor}")
 
@@ -80,10 +84,22 @@ class TrainConfig:
     wait_for_resources_s: float = 0.0
     seed: int = 0  # model init and shuffling (the split has its own seed: data.seed)
     baseline_seeds: int = 3  # the stochastic baselines (the MLPs) are the mean of this many fits
+    baselines: str = "all"  # which baselines to fit: all, or a comma list (identity,ridge: each raw and centred)
+    baseline_threads: int = 0  # torch threads while the MLP baselines train on a CPU; 0 = torch's default
+    # Validation each epoch scores this many of the validation questions (a seeded sample when there
+    # are more), always against the whole validation pool; 0 = all of them.
+    val_questions: int = 5_000
+    # The held-out report scores this many test questions (a seeded sample when there are more),
+    # always against the whole test pool; 0 = all. Ranking is exact, in blocks.
+    eval_questions: int = 20_000
+    bank_dtype: Literal["float32", "float16"] = "float32"  # the served answer bank's vectors (RUN/bank)
 
     def __post_init__(self) -> None:
         if self.baseline_seeds < 1:
             raise ValueError(f"baseline_seeds must be >= 1, got {self.baseline_seeds}")
+        parse_baselines(self.baselines)
+        if self.val_questions < 0 or self.eval_questions < 0 or self.baseline_threads < 0:
+            raise ValueError("val_questions, eval_questions and baseline_threads must be >= 0")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.wait_for_resources_s < 0:

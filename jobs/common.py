@@ -25,6 +25,7 @@ class ResourceError(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: bad data, config, run folder, teacher, resources."""
+    from cube.data.bank import BankError
     from cube.data.qa import DataError
     from cube.data.rundir import RunError
     from cube.data.storage import StorageError
@@ -32,21 +33,57 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from cube.teachers import TeacherError
     from cube.train.checkpoint import CheckpointError
 
-    return (DataError, RunError, CheckpointError, StoreError, StorageError, TeacherError, ResourceError,
+    return (DataError, RunError, CheckpointError, StoreError, StorageError, TeacherError, ResourceError, BankError,
             FileNotFoundError, ValueError)
+
+
+def user_error_in(
+    error: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """The first error of `kinds` in the chain of causes of `error` (Ray wraps a worker's error
+    in its own, often twice), or None."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run an entrypoint so that a user error is one line on stderr and a non-zero exit, not a
-    traceback: that line is what `ray job logs` shows, and the exit makes the job FAILED."""
+    traceback: that line is what `ray job logs` shows, and the exit makes the job FAILED. The
+    full traceback goes to the job's log file (the run's ray.log, or one in $CUBE_CACHE/logs),
+    which the line names."""
     try:
         return main(argv)
     except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = _log_traceback(e)
+        print(f"error: {e}" + (f" (traceback in {where})" if where else ""), file=sys.stderr)
         return 1
 
 
+def _log_traceback(error: BaseException) -> Path | None:
+    """Write `error`'s traceback to the log file of this job (opening one if there is none)."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        from cube.data.cache import cache_dir
+
+        path = cache_dir("logs") / f"{Path(sys.argv[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        files = [handler]
+    log.error("the job failed: %s", error, exc_info=error, extra={FILE_ONLY: True})
+    for h in files:
+        h.flush()
+    return Path(files[0].baseFilename)
+
+
 OURS = ("cube", "jobs")  # our loggers: the console shows these
+FILE_ONLY = "cube_file_only"  # a record with this attribute set goes to log files, never to the console
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 _verbose = False
 
@@ -62,6 +99,7 @@ def setup_logging(verbose: bool = False, log_file: Path | None = None) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
+    console.addFilter(lambda r: not getattr(r, FILE_ONLY, False))
     if not verbose:
         console.addFilter(
             lambda r: r.name.split(".")[0] in OURS or r.levelno >= logging.ERROR and r.name.split(".")[0] != "ray"
@@ -105,6 +143,12 @@ def quiet_ray_data() -> None:
     route_ray_logs()  # importing ray.data gave its logger a console handler of its own
 
 
+# Logical CPUs an embedded cluster has beyond its cores, for Ray Data's light stages (listing the
+# input files, reading Parquet blocks for the training workers): they do little work, but Ray
+# schedules them against CPUs, and one training worker per core would otherwise leave them none.
+DATA_CPUS = 2
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Join the cluster in $RAY_ADDRESS, or start an embedded local one (the laptop case).
     Returns True when the cluster is embedded (nothing can ever join it).
@@ -127,6 +171,8 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     else:
         log.info("starting an embedded local Ray cluster (set RAY_ADDRESS to use an existing one)")
         # address="local": always a fresh cluster, never a stale one left in /tmp/ray by a crash.
+        if num_cpus is None:
+            num_cpus = len(os.sched_getaffinity(0)) + DATA_CPUS
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **quiet)
         _embedded = True
     route_ray_logs()

@@ -1,10 +1,11 @@
 """The Ray Data embedding pipeline: Q&A text → teacher embeddings → a resumable Parquet store.
 
-    read file ─▶ texts + ids ─▶ SkipDone ─▶ TeacherActor (actor pool) ─▶ PartSink (atomic parts)
+    read input ─▶ distinct texts ─▶ SkipDone ─▶ TeacherActor (actor pool, writes its own parts)
 
-`cube embed` (jobs/embed.py, whose --help tells the user what it does) is its command line;
-`cube train` and `cube tune` call `embed_pairs`. Everything a Ray worker runs lives here, in an
-importable module: an entrypoint run as `__main__` would be pickled by value.
+`cube embed` (jobs/embed.py) is its command line; `cube train` and `cube tune` call
+`embed_source` before building a run's split (jobs/dataset.py). The input streams through; the
+driver holds the store's keys (8 bytes a text) and a progress count. Everything a Ray worker
+runs lives here, in an importable module: an entrypoint run as `__main__` would be pickled by value.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,22 +27,24 @@ import torch
 
 from cube.config import from_dict, to_dict
 from cube.data import store
-from cube.data.qa import iter_pairs, text_id
+from cube.data.qa import Source, text_hash
 from cube.job_config import EmbedConfig, PipelineOptions
 from cube.teachers import TeacherConfig, load_teacher
 from cube.teachers.generate import AnswerWriter, GeneratorConfig
 from jobs.common import describe_nodes, ensure_ray, fits, node_resources, quiet_ray_data
 
 log = logging.getLogger("cube.embed")
-# The light stages (read, id, skip, write) take a sliver of a CPU each: with Ray's default of one
-# CPU per task they would wait forever behind a teacher actor on a 2-core machine. The id filter
-# is an actor that idles between batches, so it reserves none. Ray Data's Parquet file listing
-# still asks for a whole CPU and takes no options: see check_room_for_listing.
+# The light stages (read, distinct texts, writes) take a sliver of a CPU each: with Ray's default
+# of one CPU per task they would wait behind the teacher actors. The skip filter is an actor that
+# idles between batches, so it reserves none. Ray Data's Parquet file listing still asks for a
+# whole CPU and takes no options: see check_room_for_listing.
 LIGHT = {"num_cpus": 0.1}
+IDLE_ACTOR = {"num_cpus": 0}
 # max_restarts=0 on our actors: with restarts on, Ray's core worker prints an error line about
 # constructor arguments in the object store on every run. Nothing is lost without them: a dead
 # actor fails the job loudly, and the rerun embeds only what no finished part holds.
 NO_RESTART = {"max_restarts": 0}
+PROGRESS_EVERY_S = 10.0
 
 
 def without_restarts(map_batches: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -52,22 +56,28 @@ def without_restarts(map_batches: Callable[..., Any], *args: Any, **kwargs: Any)
         return map_batches(*args, **kwargs, **NO_RESTART)
 
 
-IDLE_ACTOR = {"num_cpus": 0}
-
-
 # ---------------------------------------------------------------- Ray Data stages
 
 
 class TeacherActor:
-    """One teacher per actor, reused for every batch."""
+    """One teacher per actor, reused for every batch. With a `folder` it writes each batch's
+    vectors as a part of the store itself and returns only a count."""
 
-    def __init__(self, teacher: dict[str, Any], device: str, pipeline: dict[str, Any]) -> None:
-        torch.set_num_threads(from_dict(PipelineOptions, pipeline).threads())  # on the actor's node
-        self.teacher = load_teacher(from_dict(TeacherConfig, teacher), device)
+    def __init__(self, teacher: dict[str, Any], device: str, pipeline: dict[str, Any], folder: str | None) -> None:
+        opts = from_dict(PipelineOptions, pipeline)
+        torch.set_num_threads(opts.threads())  # on the actor's node
+        self.cfg = from_dict(TeacherConfig, teacher)
+        self.teacher = load_teacher(self.cfg, device)
+        self.folder, self.dtype = folder, opts.store_dtype
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.teacher.embed([str(t) for t in batch["text"]])
-        return {"id": batch["id"], "text": batch["text"], "vector": out.vectors, "truncated": out.truncated}
+        texts = [str(t) for t in batch["text"]]
+        out = self.teacher.embed(texts)
+        if self.folder is None:
+            return {"text": batch["text"], "vector": out.vectors, "truncated": out.truncated}
+        store.write_part(self.folder, store.to_table(texts, out.vectors, out.truncated, self.cfg.identity(),
+                                                     self.dtype))
+        return {"texts": np.array([len(texts)])}
 
 
 class WriterActor:
@@ -83,34 +93,42 @@ class WriterActor:
 
 
 class SkipDone:
-    """Drops rows whose id is in `done`: the ids that the store already held when the driver
-    looked (the driver reads the store, since this actor may run on a node without it)."""
+    """Drops texts whose key is in `done`: the sorted keys the store held when the driver looked
+    (the driver reads the store, since this actor may run on a node without it)."""
 
-    def __init__(self, done: set[str]) -> None:
+    def __init__(self, done: np.ndarray) -> None:
         self.done = done
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return batch[~batch["id"].isin(self.done)]
+        keys = text_hash(batch["text"])
+        idx = np.minimum(np.searchsorted(self.done, keys), max(len(self.done) - 1, 0))
+        seen = (self.done[idx] == keys) if len(self.done) else np.zeros(len(keys), bool)
+        return batch[~seen]
 
 
 def texts_of(columns: tuple[str, ...]) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """A batch of rows → its distinct stripped texts of `columns` (blank and missing ones dropped:
+    validation has already refused the rows that need them)."""
+
     def explode(batch: pd.DataFrame) -> pd.DataFrame:
-        texts = pd.unique(pd.concat([batch[c].astype(str).str.strip() for c in columns]))
-        return pd.DataFrame({"id": [text_id(t) for t in texts], "text": texts})
+        parts = [batch[c].dropna().astype(str).str.strip() for c in columns if c in batch]
+        texts = pd.unique(pd.concat(parts)) if parts else np.array([], dtype=object)
+        return pd.DataFrame({"text": [t for t in texts if t]})
 
     return explode
 
 
-def with_question_ids(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+def with_question_keys(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
     def add(batch: pd.DataFrame) -> pd.DataFrame:
         q = batch[column].astype(str).str.strip()
-        return pd.DataFrame({"id": [text_id(t) for t in q], "question": q})
+        return pd.DataFrame({"text": q, "question": q})
 
     return add
 
 
 class PartSink:
-    """A Datasink that turns each block into one complete Parquet part in `folder`."""
+    """A Datasink that turns each block into one complete Parquet part in `folder`, on the
+    driver's node (where `folder` is): for outputs that the driver must collect."""
 
     def __new__(cls, folder: Path, make_table: Callable[[pd.DataFrame], pa.Table]):
         from ray.data import Datasink
@@ -128,21 +146,14 @@ class PartSink:
 
             @property
             def supports_distributed_writes(self) -> bool:
-                return False  # Ray Data then writes on the driver's node, where `folder` is
+                return False
 
         return _PartSink()
 
 
-def store_table(identity: dict[str, Any]) -> Callable[[pd.DataFrame], pa.Table]:
-    def make(df: pd.DataFrame) -> pa.Table:
-        vectors = np.stack(df["vector"].to_numpy()).astype(np.float32)
-        return store.to_table(df["id"].tolist(), df["text"].tolist(), vectors, df["truncated"].to_numpy(bool), identity)
-
-    return make
-
-
 def generated_table(df: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(df[["id", "question", "answer", "generator"]], preserve_index=False)
+    return pa.Table.from_pandas(df[["question", "answer", "generator"]].assign(key=text_hash(df["question"])),
+                                preserve_index=False)
 
 
 def check_room_for_listing(opts: PipelineOptions) -> None:
@@ -160,83 +171,161 @@ def check_room_for_listing(opts: PipelineOptions) -> None:
                          "lower pipeline.concurrency or pipeline.cpus_per_actor")
 
 
-def read_file(path: Path, columns: list[str], opts: PipelineOptions):
-    """A streaming Ray dataset of `columns` (all read as text) from JSONL, CSV or Parquet."""
+def read_source(source: Source, columns: list[str], opts: PipelineOptions | None = None, include_paths: bool = False):
+    """A streaming Ray dataset of the input's `columns` that exist (text columns as strings)."""
     import pyarrow.csv as pcsv
     import ray.data
 
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        ds = ray.data.read_json(str(path), lines=True, ray_remote_args=LIGHT)
-    elif suffix == ".csv":
-        types = {c: pa.string() for c in columns}
-        ds = ray.data.read_csv(
-            str(path), convert_options=pcsv.ConvertOptions(column_types=types), ray_remote_args=LIGHT
-        )
+    files = list(source.files)
+    if source.format == "jsonl":
+        # pyarrow's JSON reader reads JSON Lines (Ray's lines=True takes no filesystem)
+        ds = ray.data.read_json(files, filesystem=source.fs, include_paths=include_paths, **LIGHT)
+    elif source.format == "csv":
+        options = pcsv.ConvertOptions(column_types={c: pa.string() for c in columns})
+        ds = ray.data.read_csv(files, filesystem=source.fs, convert_options=options, include_paths=include_paths,
+                               **LIGHT)
     else:
-        check_room_for_listing(opts)
-        ds = ray.data.read_parquet(str(path), columns=columns, ray_remote_args=LIGHT)
-    return ds.select_columns(columns, **LIGHT)
+        if opts is not None:
+            check_room_for_listing(opts)
+        present = [c for c in columns if c in (source.columns() or [])]
+        ds = ray.data.read_parquet(files, filesystem=source.fs, columns=present, include_paths=include_paths,
+                                   **LIGHT)
+    keep = [c for c in ds.columns() or [] if c in columns or c == "path"]
+    return ds.select_columns(keep, **LIGHT)
 
 
 # ---------------------------------------------------------------- pipelines
 
 
-def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder: Path) -> None:
+def single_node() -> bool:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive")) == 1
+
+
+def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder: Path, total: int | None) -> int:
+    """Embed every text of the `texts` dataset that the store lacks; returns how many it embedded.
+
+    On one node the teacher actors write their own parts; across nodes they hand the vectors to
+    one writer on the driver's node, where the store folder is. Logs progress every
+    PROGRESS_EVERY_S seconds (texts done, texts/s, time left)."""
     import ray.data
 
     quiet_ray_data()
-
     device = "cuda" if opts.num_gpus > 0 else "cpu"
-    texts = without_restarts(texts.map_batches, SkipDone, fn_constructor_kwargs={"done": store.existing_ids(folder)},
-                             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
+    actors_write = single_node()
+    todo = without_restarts(texts.map_batches, SkipDone, fn_constructor_kwargs={"done": store.keys(folder)},
+                            batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
     vectors = without_restarts(
-        texts.map_batches, TeacherActor,
-        fn_constructor_kwargs={"teacher": to_dict(teacher), "device": device, "pipeline": to_dict(opts)},
+        todo.map_batches, TeacherActor,
+        fn_constructor_kwargs={"teacher": to_dict(teacher), "device": device, "pipeline": to_dict(opts),
+                               "folder": str(folder) if actors_write else None},
         batch_size=opts.batch_size, compute=ray.data.ActorPoolStrategy(size=opts.concurrency),
         num_gpus=opts.num_gpus or None, num_cpus=opts.cpus_per_actor)
-    vectors.write_datasink(PartSink(folder, store_table(teacher.identity())), ray_remote_args=LIGHT)
+    progress = Progress("embedded", "texts", total)
+    if actors_write:
+        for batch in vectors.iter_batches(batch_size=None, batch_format="numpy"):
+            progress.add(int(batch["texts"].sum()))
+    else:
+        identity = teacher.identity()
+        for batch in vectors.iter_batches(batch_size=None, batch_format="numpy"):
+            texts_done = [str(t) for t in batch["text"]]
+            store.write_part(folder, store.to_table(texts_done, np.stack(batch["vector"]), batch["truncated"],
+                                                    identity, opts.store_dtype))
+            progress.add(len(texts_done))
+    progress.close()
+    return progress.done
+
+
+class Progress:
+    """A log line every PROGRESS_EVERY_S seconds: done, rate, time left. Meant for a log that is
+    not a terminal (`ray job logs`), where a progress bar shows nothing until it ends."""
+
+    def __init__(self, verb: str, unit: str, total: int | None) -> None:
+        self.verb, self.unit, self.total = verb, unit, total
+        self.done, self.start, self.last = 0, time.monotonic(), time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            log.info(self.line(now))
+
+    def line(self, now: float) -> str:
+        rate = self.done / max(now - self.start, 1e-9)
+        text = f"{self.verb} {self.done:,}" + (f" / {self.total:,}" if self.total else "") + f" {self.unit}"
+        text += f" ({rate:,.1f} {self.unit}/s"
+        if self.total and rate > 0:
+            left = max(self.total - self.done, 0) / rate
+            text += f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+        return text + ")"
+
+    def close(self) -> None:
+        if self.done:
+            log.info(self.line(time.monotonic()).replace(" (", " in total (", 1))
 
 
 def embed_texts(
     texts: Iterable[str], teacher: TeacherConfig, opts: PipelineOptions, folder: Path | None = None
 ) -> Path:
-    """Make sure every text (held in memory) has a vector in the store; returns the store folder."""
+    """Make sure every text (a list in memory: extra answers, a test file) has a vector in the
+    store; returns the store folder."""
     import ray.data
 
     identity = teacher.identity()
-    folder = store.open_store(folder or store.default_store(identity), identity)
-    unique = {text_id(t): t for t in texts}
-    done = store.existing_ids(folder)
-    todo = [{"id": i, "text": t} for i, t in unique.items() if i not in done]
+    folder = store.open_store(folder or store.default_store(identity, opts.store_dtype), identity, opts.store_dtype)
+    unique = list(dict.fromkeys(t.strip() for t in texts if t.strip()))
+    done = store.keys(folder)
+    todo = [t for t, k in zip(unique, text_hash(unique)) if not _member(done, k)] if unique else []
     log.info("embedding store %s: %d texts wanted, %d already embedded, %d to embed",
              folder, len(unique), len(unique) - len(todo), len(todo))
     if todo:
         ensure_ray()
         blocks = max(1, math.ceil(len(todo) / (opts.batch_size * 4)))  # small blocks: a resume loses little
-        _embed_dataset(ray.data.from_items(todo, override_num_blocks=blocks), teacher, opts, folder)
+        items = ray.data.from_items([{"text": t} for t in todo], override_num_blocks=blocks)
+        _embed_dataset(items, teacher, opts, folder, len(todo))
     return folder
 
 
-def embed_pairs(
-    df: pd.DataFrame, teacher: TeacherConfig, opts: PipelineOptions, folder: Path | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Question and answer vectors for every row of a validated Q&A frame."""
+def _member(sorted_keys: np.ndarray, key: np.uint64) -> bool:
+    i = int(np.searchsorted(sorted_keys, key))
+    return i < len(sorted_keys) and sorted_keys[i] == key
+
+
+def embed_source(source: Source, columns: tuple[str, ...], teacher: TeacherConfig, opts: PipelineOptions,
+                 folder: Path | None = None, total: int | None = None) -> Path:
+    """Embed every text of `columns` of a (validated) input that the store lacks, streaming the
+    input through Ray Data; returns the store folder. `total` (texts, if known) is for the
+    progress lines."""
+    identity = teacher.identity()
+    folder = store.open_store(folder or store.default_store(identity, opts.store_dtype), identity, opts.store_dtype)
+    ensure_ray()
+    texts = read_source(source, list(columns), opts).map_batches(texts_of(columns), batch_format="pandas", **LIGHT)
+    log.info("embedding the texts of %s with %s into %s", source.spec, teacher.name, folder)
+    _embed_dataset(texts, teacher, opts, folder, total)
+    return folder
+
+
+def embed_pairs(df: pd.DataFrame, teacher: TeacherConfig, opts: PipelineOptions,
+                folder: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Question and answer vectors for every row of a small validated Q&A frame (a test file)."""
     questions, answers = df["question"].tolist(), df["answer"].tolist()
     folder = embed_texts(questions + answers, teacher, opts, folder)
     return store.vectors_for(folder, questions), store.vectors_for(folder, answers)
 
 
-def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
-    """Answer every question of `path` with the generator; returns OUTPUT/qa.parquet."""
+def generate_answers(source: Source, out: Path, cfg: EmbedConfig) -> Path:
+    """Answer every question of the input with the generator; returns OUTPUT/qa.parquet."""
     import ray.data
 
     parts = out / "generated"
     parts.mkdir(parents=True, exist_ok=True)
     device = "cuda" if cfg.pipeline.num_gpus > 0 else "cpu"
-    questions = read_file(path, [cfg.data.question_col], cfg.pipeline).map_batches(
-        with_question_ids(cfg.data.question_col), batch_format="pandas", **LIGHT)
-    todo = without_restarts(questions.map_batches, SkipDone, fn_constructor_kwargs={"done": store.existing_ids(parts)},
+    done = store.keys(parts)
+    questions = read_source(source, [cfg.data.question_col], cfg.pipeline).map_batches(
+        with_question_keys(cfg.data.question_col), batch_format="pandas", **LIGHT)
+    todo = without_restarts(questions.map_batches, SkipDone, fn_constructor_kwargs={"done": done},
                             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
     answered = without_restarts(
         todo.map_batches,
@@ -254,7 +343,7 @@ def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
     )
     answered.write_datasink(PartSink(parts, generated_table), ray_remote_args=LIGHT)
     table = pa.concat_tables([pq.read_table(p) for p in store.parts(parts)])
-    qa = table.drop_columns(["id"])
+    qa = table.drop_columns(["key"])
     target = out / "qa.parquet"
     tmp = out / f".qa.parquet.tmp{os.getpid()}"
     pq.write_table(qa, tmp)
@@ -263,19 +352,22 @@ def generate_answers(path: Path, out: Path, cfg: EmbedConfig) -> Path:
     return target
 
 
-def embed_file(path: Path, out: Path, cfg: EmbedConfig) -> dict[str, Any]:
+def embed_file(path: str | Path, out: Path, cfg: EmbedConfig) -> dict[str, Any]:
     """Validate, (generate answers,) embed; returns a summary. Nothing is written if validation fails."""
-    rows = sum(1 for _ in iter_pairs(path, cfg.data, require_answer=not cfg.generate_answers))
+    from cube.data.qa import scan
+
+    source = Source.of(path)
+    rows = len(scan(source, cfg.data, require_answer=not cfg.generate_answers))
     identity = cfg.teacher.identity()
-    store.open_store(out, identity)
+    store.open_store(out, identity, cfg.pipeline.store_dtype)
     ensure_ray()
-    columns = [cfg.data.question_col, cfg.data.answer_col]
+    columns = (cfg.data.question_col, cfg.data.answer_col)
     if cfg.generate_answers:
-        path, columns = generate_answers(path, out, cfg), ["question", "answer"]
-    before = len(store.existing_ids(out))
-    texts = read_file(path, columns, cfg.pipeline).map_batches(texts_of(tuple(columns)), batch_format="pandas", **LIGHT)
-    _embed_dataset(texts, cfg.teacher, cfg.pipeline, out)
-    table = store.read_all(out, columns=["id", "truncated"])
-    return {"rows": rows, "texts_in_store": table.num_rows, "embedded_now": table.num_rows - before,
+        source, columns = Source.of(generate_answers(source, out, cfg)), ("question", "answer")
+    before = len(store.keys(out))
+    embed_source(source, columns, cfg.teacher, cfg.pipeline, out, total=None)
+    table = store.read_all(out, columns=["key", "truncated"])
+    return {"rows": rows, "texts_in_store": len(np.unique(table.column("key").to_numpy())),
+            "embedded_now": len(store.keys(out)) - before,
             "truncated": int(sum(table.column("truncated").to_pylist())), "max_length": cfg.teacher.max_length,
             "store": str(out), "teacher": identity}

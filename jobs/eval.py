@@ -15,27 +15,31 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
-from cube.config import from_dict
-from cube.data.qa import DataConfig, load_qa
+from cube.data.qa import load_qa
 from cube.data.rundir import RunDir
 from cube.data.storage import Storage
 from cube.eval.metrics import HeldOut
 from cube.eval.report import evaluate_run, format_report
-from cube.job_config import PipelineOptions
+from cube.job_config import TrainConfig
 from jobs.common import add_verbose_flag, run_main, setup_logging
 
 
 def held_out_file(run: RunDir, data: Path) -> HeldOut:
-    """Every row of `data`, embedded with the run's own teacher and pipeline settings."""
+    """Every row of `data`, embedded with the run's own teacher and pipeline settings.
+
+    Raises:
+        TeacherError: the teacher's vectors are not of the run's dimension (a run trained on
+            brought embeddings, and a teacher.name that does not match them)."""
+    from cube.teachers import TeacherError
     from jobs.embedding import embed_pairs
 
-    run.require("config.yaml", "teacher.json")
-    settings = yaml.safe_load((run.path / "config.yaml").read_text())
-    teacher, _ = run.teacher()
-    df = load_qa(data, from_dict(DataConfig, settings.get("data", {})))
-    q, a = embed_pairs(df, teacher, from_dict(PipelineOptions, settings.get("pipeline", {})))
+    cfg = run.config(TrainConfig)
+    teacher, dim = run.teacher()
+    df = load_qa(data, cfg.data)
+    q, a = embed_pairs(df, teacher, cfg.pipeline)
+    if q.shape[1] != dim:
+        raise TeacherError(f"teacher {teacher.name!r} makes {q.shape[1]}-D vectors, but run {run.path} was trained on "
+                           f"{dim}-D ones; train with --set teacher=<the model that made its embeddings>")
     return HeldOut.from_frame(df, q, a)
 
 

@@ -1,9 +1,9 @@
 """Ray Train around the cube's one training loop: a run folder in, a trained run folder out.
 
-    prepare_run: validate + split + embed (cached) the data, write the run folder's inputs
-    fit_run:     a TorchTrainer (DDP: gloo on CPU, NCCL on GPU) whose workers each train on a
-                 shard of the split with cube.train.loop.fit
-    train:       both, then the held-out comparison (eval.json) and the curves
+    prepare_run: validate + split + embed (cached) the data into the split dataset (jobs/dataset.py)
+    fit_run:     a TorchTrainer (DDP: gloo on CPU, NCCL on GPU) whose workers each stream their
+                 shard of the training split through Ray Data into cube.train.loop.fit
+    train:       both, then the held-out comparison (eval.json), the answer bank and the curves
 
 Everything a Ray worker runs lives in this importable module, never in an entrypoint that may
 be `__main__` (Ray would pickle it by value). `cube train` (jobs/train.py) is the command line.
@@ -21,32 +21,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cube.config import from_dict, load_config, save_config, to_dict
-from cube.data.qa import DataError, load_qa, split_pairs
-from cube.data.rundir import RunDir, write_json, write_split
+from cube.config import from_dict, save_config, to_dict
+from cube.data.bank import write_bank_from_split
+from cube.data.qa import DataError
+from cube.data.rundir import RunDir, write_json
+from cube.data.split import SplitData, filesystem
 from cube.data.storage import Storage
-from cube.eval.metrics import Split
 from cube.eval.report import evaluate_run
 from cube.job_config import TrainConfig
 from cube.train.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.train.loop import EpochEnd, build_model, fit
 from cube.train.optim import lattice_kernel, peak_lr, use_cuda_graphs
-from jobs.common import ensure_ray, require_resources, setup_logging
-from jobs.embedding import embed_pairs
+from cube.train.step import DivergenceError
+from jobs.common import ensure_ray, quiet_ray_data, require_resources, setup_logging, user_error_in
 
 log = logging.getLogger("cube.train")
 
 
 # ---------------------------------------------------------------- per-worker loop (runs in Ray)
-
-
-def shard(train: Split, rank: int, world: int) -> Split:
-    """This rank's share of the training split: every world-th pair, so shards differ by at most one.
-
-    The split travels whole in the trainer's config (a few thousand rows, tens of MB at most)
-    and is sharded here: simpler and faster than a Ray Data pipeline for data this size, and
-    it keeps Ray Data's per-execution output out of training."""
-    return Split(train.q[rank::world], train.a[rank::world])
 
 
 def _quiet_worker() -> None:
@@ -58,7 +50,39 @@ def _quiet_worker() -> None:
         logging.getLogger(ours).setLevel(logging.INFO)
 
 
+def shard_epochs(shard: Any, batch_size: int, steps: int, seed: int, buffer: int):
+    """A function from the epoch to this worker's batches of its Ray Data shard: a fresh file
+    order every epoch (the dataset's FileShuffleConfig), rows mixed in a local shuffle buffer
+    seeded by (seed, epoch), `steps` full batches as (q, a) tensors. The rest of the epoch's
+    stream is drained, so that the next epoch starts clean."""
+
+    def epoch_batches(epoch: int):
+        it = iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.float32,
+                                           local_shuffle_buffer_size=buffer or None,
+                                           local_shuffle_seed=seed * 100_003 + epoch if buffer else None))
+        for _, batch in zip(range(steps), it):
+            yield batch["q_vec"], batch["a_vec"]
+        for _ in it:
+            pass
+
+    return epoch_batches
+
+
+def share_from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (one process: the value itself)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: its shard of the training split streams in through Ray Data; rank 0
+    also holds the validation sample and the training probe, scores them after every epoch
+    and shares the numbers, so every rank stops on the same ones."""
     import ray.train
     import ray.train.torch
 
@@ -77,18 +101,18 @@ def train_worker(config: dict[str, Any]) -> None:
             model.load_state_dict(load_checkpoint(d)[0].state_dict())
             state = load_train_state(d)
         log.info("rank %d resumed after epoch %d", rank, state[1]["progress"]["epoch"])
+    val = probe = None
     if rank == 0:
+        split = SplitData(config["split_root"])
+        val = split.held_out("val", questions=cfg.val_questions, seed=cfg.data.seed)
+        probe = split.held_out("train", questions=cfg.val_questions, seed=cfg.data.seed, limit=len(val.pool))
         step = "eager"
         if use_cuda_graphs(cfg.optim, device, world):
             step = "CUDA graphs + torch.compile" if cfg.optim.compile else "CUDA graphs"
-        log.info(
-            "batch %d per worker × %d workers, peak lr %.2g (scaled to the global batch); step: %s, lattice kernel %s",
-            cfg.optim.batch_size,
-            world,
-            peak_lr(cfg.optim, world),
-            step,
-            lattice_kernel(cfg.optim, cfg.cube, device),
-        )
+        log.info("batch %d per worker × %d workers, %d steps an epoch, peak lr %.2g (scaled to the global batch, "
+                 "capped at %.2g); step: %s, lattice kernel %s", cfg.optim.batch_size, world,
+                 config["steps_per_epoch"], peak_lr(cfg.optim, world), max(cfg.optim.max_lr, cfg.optim.lr), step,
+                 lattice_kernel(cfg.optim, cfg.cube, device))
 
     def report(end: EpochEnd) -> None:
         m = end.metrics
@@ -109,26 +133,30 @@ def train_worker(config: dict[str, Any]) -> None:
             save_epoch(d, end, config["teacher"], cfg.data.seed)
             ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    fit(model, shard(config["train"], rank, world), config["val"], cfg.loss, cfg.optim,
-        seed=cfg.seed, rank=rank, probe=config["probe"], on_epoch=report, state=state, world_size=world,
-        wrap=ray.train.torch.prepare_model, steps_per_epoch=config["steps_per_epoch"])
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard_epochs(shard, cfg.optim.batch_size, config["steps_per_epoch"], cfg.seed, config["shuffle_buffer"])
+    fit(model, batches, val, cfg.loss, cfg.optim, seed=cfg.seed, rank=rank, probe=probe, on_epoch=report,
+        state=state, world_size=world, wrap=ray.train.torch.prepare_model, steps_per_epoch=config["steps_per_epoch"],
+        share=share_from_rank0)
 
 
 # ---------------------------------------------------------------- driver
 
 
-def prepare_run(run: RunDir, cfg: TrainConfig, data_path: Path) -> None:
-    """Validate + split + embed the data and write the run folder's inputs.
+def prepare_run(run: RunDir, storage: Storage, cfg: TrainConfig, data: str) -> None:
+    """Validate + split + embed the data into the split dataset, and write the run folder's inputs.
 
     Raises:
-        DataError: bad rows, before anything is written.
+        DataError: bad rows, before anything is trained.
     """
-    df = split_pairs(load_qa(data_path, cfg.data), cfg.data)
-    q, a = embed_pairs(df, cfg.teacher, cfg.pipeline)
+    from jobs.dataset import prepare_split
+
     run.path.mkdir(parents=True, exist_ok=True)
+    split_root = storage.uri("split")
+    prepared = prepare_split(str(data), cfg, split_root)
     save_config(cfg, run.path / "config.yaml")
-    write_json(run.path / "teacher.json", {**to_dict(cfg.teacher), "dim": int(q.shape[1])})
-    write_split(run.path / "split.parquet", df, q, a)
+    write_json(run.path / "teacher.json", {**to_dict(cfg.teacher), "dim": int(prepared.dim)})
+    run.write_split_info(split_root, prepared.rows, prepared.moments)
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
@@ -136,26 +164,41 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
     return {"CPU": 1.0, "GPU": 1.0 if cfg.use_gpu else 0.0}
 
 
+SHUFFLE_BUFFER = 10_000  # rows each worker mixes locally, beside the per-epoch file order
+
+
+def loop_config(run: RunDir, cfg: TrainConfig) -> dict[str, Any]:
+    """What every worker gets through train_loop_config: settings and where the data is, never
+    the data (the training shard streams in through Ray Data; rank 0 reads the validation
+    sample itself). A test keeps its pickled size under 1 MB whatever the data's size."""
+    info = run.split_info()
+    per_worker = info["rows"]["train"] // cfg.workers
+    if per_worker < cfg.optim.batch_size:
+        raise DataError(f"the training split has {info['rows']['train']} pairs: fewer than workers ({cfg.workers}) × "
+                        f"optim.batch_size ({cfg.optim.batch_size}); lower one of them")
+    teacher, _ = run.teacher()
+    split = run.split()
+    root = split.root if "://" in split.root else str(Path(split.root).resolve())
+    return {"cfg": to_dict(cfg), "teacher": teacher.identity(), "split_root": root,
+            "q_mean": info["q_mean"], "a_mean": info["a_mean"], "steps_per_epoch": per_worker // cfg.optim.batch_size,
+            "shuffle_buffer": min(SHUFFLE_BUFFER, per_worker)}
+
+
 def trainer_for(run: RunDir, cfg: TrainConfig, storage: str, callbacks: list | None = None):
     """The TorchTrainer for a prepared run folder. `storage` is Ray Train's storage path (the
-    run's `ray/`, or `URI/ray`): every worker writes its checkpoints there, whatever its node."""
+    run's `ray/`, or `URI/ray`): every worker writes its checkpoints there, whatever its node.
+    The training split is a Ray Data dataset, split between the workers (streaming_split)."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    data = run.data()
-    train = data.split("train")
-    per_worker = len(train.q) // cfg.workers
-    if per_worker < cfg.optim.batch_size:
-        raise DataError(f"the training split has {len(train.q)} pairs: fewer than workers ({cfg.workers}) × "
-                        f"optim.batch_size ({cfg.optim.batch_size}); lower one of them")
-    teacher, dim = run.teacher()
-    config = {
-        "cfg": to_dict(cfg), "teacher": teacher.identity(), "train": train, "val": data.held_out("val"),
-        "probe": data.probe(), "q_mean": train.q.mean(0).tolist(), "a_mean": train.a.mean(0).tolist(),
-        "steps_per_epoch": per_worker // cfg.optim.batch_size,
-    }
+    config = loop_config(run, cfg)
+    quiet_ray_data()
+    fs, path = filesystem(config["split_root"])
+    train = ray.data.read_parquet(f"{path}/split=train", filesystem=fs, columns=["q_vec", "a_vec"],
+                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed), num_cpus=0.1)
     return TorchTrainer(
-        train_worker, train_loop_config=config,
+        train_worker, train_loop_config=config, datasets={"train": train},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=worker_resources(cfg),
                                                placement_strategy=cfg.placement),
@@ -211,10 +254,17 @@ def fit_run(run: RunDir, cfg: TrainConfig, storage: str) -> None:
     """Run (or resume) training, then publish the best and last checkpoints into the run folder."""
     from jobs.metrics_log import MetricsLog
 
-    require_resources([worker_resources(cfg)] * cfg.workers, f"training with {cfg.workers} workers",
-                      cfg.wait_for_resources_s)
+    # One CPU beside the workers: Ray Data lists and reads the split's files for them.
+    require_resources([worker_resources(cfg)] * cfg.workers + [{"CPU": 1.0}],
+                      f"training with {cfg.workers} workers and Ray Data's reader", cfg.wait_for_resources_s)
     with EpochBar(run.path / "metrics.csv", cfg.optim.epochs):
-        result = trainer_for(run, cfg, storage, callbacks=[MetricsLog(str(run.path))]).fit()
+        try:
+            result = trainer_for(run, cfg, storage, callbacks=[MetricsLog(str(run.path))]).fit()
+        except Exception as e:  # a diverged run is the user's to fix: say so in one line, not a Ray traceback
+            cause = user_error_in(e, DivergenceError)
+            if cause is None:
+                raise
+            raise cause from e
     best = result.get_best_checkpoint(metric="val_mrr", mode="max")
     for src, dst in ((best, "model"), (result.checkpoint, "last")):
         with src.as_directory() as d:
@@ -222,7 +272,17 @@ def fit_run(run: RunDir, cfg: TrainConfig, storage: str) -> None:
     log.info("best checkpoint (val MRR %.3f) → %s", load_checkpoint(run.path / "model")[1]["val"]["mrr"], run.model_dir)
 
 
-def train(data_path: Path | None, target: str | Path, cfg: TrainConfig | None, resume: bool = False) -> dict:
+def write_bank(run: RunDir, storage: Storage) -> None:
+    """The served answers as an artefact of the run (RUN/bank): every distinct answer of the
+    split with its vector, streamed from the split dataset."""
+    cfg = run.config(TrainConfig)
+    target = storage.uri("bank")
+    rows = write_bank_from_split(run.split(), target, cfg.bank_dtype)
+    run.write_bank_info(target, rows, cfg.bank_dtype)
+    log.info("answer bank: %s distinct answers → %s", f"{rows:,}", target)
+
+
+def train(data_path: str | Path | None, target: str | Path, cfg: TrainConfig | None, resume: bool = False) -> dict:
     """Train into `target` (fresh) or continue it (`resume`); returns the held-out report.
 
     `target` is a folder or a storage URI (cube/data/storage.py): with a URI the run is staged in a
@@ -239,24 +299,29 @@ def train(data_path: Path | None, target: str | Path, cfg: TrainConfig | None, r
     run = RunDir(store.local)
     if resume:
         store.pull()
-        run.require("config.yaml", "split.parquet", "teacher.json")
+        run.require("config.yaml", "split.json", "teacher.json")
         if (run.path / "eval.json").is_file():
             log.info("%s is already finished; nothing to retrain (delete it to train again)", store)
             return evaluate_run(run.path)
-        cfg = load_config(TrainConfig, run.path / "config.yaml")
+        cfg = run.config(TrainConfig)
     else:
         assert cfg is not None and data_path is not None
         if store.exists("config.yaml"):
             raise RunError(f"{store} already holds a run; pass --resume {store} to continue it, "
                            "or choose another --output")
         store.reset()
-        prepare_run(run, cfg, data_path)
+        try:
+            prepare_run(run, store, cfg, str(data_path))
+        except BaseException:
+            store.discard()  # nothing is left behind by a run that never started
+            raise
         store.push()  # the inputs first: a run killed before its end can still be resumed from the URI
     try:
         ensure_ray()
         fit_run(run, cfg, store.ray_storage())
         report = evaluate_run(run.path)
         write_json(run.path / "eval.json", report)
+        write_bank(run, store)
         plot_curves(run.path / "metrics.csv", run.path / "curves.png")
     finally:
         store.push()

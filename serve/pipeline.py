@@ -75,17 +75,24 @@ class ModelMismatch(RuntimeError):
 
 
 class LoadedRun:
+    """A served run in memory. Everything is read at start: from a path in place; from a URI
+    through a private copy of its small files (the checkpoint and the JSON), removed once read,
+    and the answer bank straight from the URI. Nothing is left behind on the replica's node."""
+
     def __init__(self, run_dir: str | Path, answers: str | None = None, store_folder: str | None = None,
                  device: str = "cpu") -> None:
-        run = RunDir(Storage.of(run_dir).snapshot())  # a URI: a private copy on this replica's node
-        run.require("model", "split.parquet", "teacher.json")
-        self.run = run
-        self.teacher, self.dim = run.teacher()
-        self.model, self.checkpoint = load_checkpoint(run.model_dir, expected_teacher=self.teacher.identity())
-        self.model.to(device)
-        self.bank, self.extra_answers = load_bank(run, self.model.a_mean, answers, store_folder)
+        with Storage.of(run_dir).reading() as path:
+            run = RunDir(path)
+            run.require("model", "bank.json", "teacher.json")
+            self.name = Path(str(run_dir).rstrip("/")).name
+            self.run_dir = str(run_dir)
+            self.teacher, self.dim = run.teacher()
+            self.model, self.checkpoint = load_checkpoint(run.model_dir, expected_teacher=self.teacher.identity())
+            self.model.to(device)
+            self.bank, self.extra_answers = load_bank(run, self.model.a_mean, answers, store_folder)
+            self.version = f"{self.name}@{file_digest(run.model_dir / 'model.safetensors')}"
+            self.held_out = held_out_summary(run)
         self.teacher_key = teacher_key(self.teacher.identity())
-        self.version = f"{run.path.name}@{file_digest(run.model_dir / 'model.safetensors')}"
 
     def check(self, vectors: np.ndarray, key: str) -> None:
         """Raises ModelMismatch for vectors of another teacher."""

@@ -73,3 +73,59 @@ def test_same_question_never_in_two_splits():
                        "answer": [f"a{i}." for i in range(43)], "topic": "", "row": range(43)})
     out = split_pairs(df, DataConfig())
     assert out[out["question"] == "same?"]["split"].nunique() == 1
+
+
+def test_split_keeps_pairs_that_share_an_answer_or_a_question_together():
+    """No answer text (and no question) of val or test appears in train: pairs linked through a
+    shared answer or question form one group, and a group lands in one split."""
+    rows = []
+    for g in range(60):  # 60 groups: two questions share an answer, a third shares the second's question
+        rows += [(f"g{g} first?", f"answer {g}."), (f"g{g} second?", f"answer {g}."), (f"g{g} second?", f"other {g}.")]
+    rows += [(f"lone {i}?", f"lone answer {i}.") for i in range(40)]
+    df = pd.DataFrame(rows, columns=["question", "answer"]).assign(topic="")
+    out = split_pairs(df, DataConfig(seed=1))
+    train, held = out[out["split"] == "train"], out[out["split"] != "train"]
+    assert not set(train["answer"]) & set(held["answer"]) and not set(train["question"]) & set(held["question"])
+    assert held["question"].nunique() >= 30  # the held-out splits still get their share
+    for g in range(60):
+        assert out[out["question"].str.startswith(f"g{g} ")]["split"].nunique() == 1
+
+
+def test_folders_of_parquet_and_file_uris(tmp_path):
+    from cube.data.qa import Source, scan
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for part in range(2):
+        pd.DataFrame({"question": [f"q{part}-{i}?" for i in range(30)],
+                      "answer": [f"a{part}-{i}." for i in range(30)]}).to_parquet(folder / f"part-{part}.parquet")
+    for spec in (folder, f"file://{folder}", f"file://{folder / 'part-1.parquet'}"):
+        assert Source.of(spec).format == "parquet"
+    assert len(scan(folder)) == 60 and len(scan(f"file://{folder}")) == 60
+    bad = pd.DataFrame({"question": ["q?", "  "], "answer": ["a.", "b."]})
+    bad.to_parquet(folder / "part-2.parquet")
+    with pytest.raises(DataError, match=r"part-2.parquet: row 2 column 'question' is empty"):
+        scan(folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no .parquet files"):
+        Source.of(tmp_path / "empty")
+    with pytest.raises(DataError, match="no such file"):
+        Source.of(f"file://{tmp_path}/missing.parquet")
+
+
+def test_bring_your_own_embeddings_are_detected(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cube.data.qa import Source
+
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(3 * 8, np.float32)), 8)
+    pq.write_table(pa.table({"question": ["a?", "b?", "c?"], "answer": ["x.", "y.", "z."],
+                             "question_embedding": vectors, "answer_embedding": vectors}), tmp_path / "byo.parquet")
+    assert Source.of(tmp_path / "byo.parquet").embedding_dim(DataConfig()) == 8
+    pq.write_table(pa.table({"question": ["a?"], "answer": ["x."], "question_embedding": vectors[:1]}),
+                   tmp_path / "half.parquet")
+    with pytest.raises(DataError, match="only one of"):
+        Source.of(tmp_path / "half.parquet").embedding_dim(DataConfig())
+    assert Source.of(tmp_path / "half.parquet").embedding_dim(DataConfig(question_embedding_col="none")) is None

@@ -24,6 +24,9 @@ from cube.data.cache import cache_dir
 
 RAY_SUBDIR = "ray"  # Ray Train's / Tune's own storage inside a run or sweep folder
 LOG = "ray.log"  # the job's own log, open while the job runs
+# Written straight at the target by whoever makes them (Ray Train and Tune, Ray Data's writers,
+# the bank writer), never staged or copied: they are as large as the data.
+DIRECT = (RAY_SUBDIR, "split", "bank")
 
 
 class StorageError(RuntimeError):
@@ -51,6 +54,27 @@ class Storage:
     def remote(self) -> bool:
         return is_uri(self.target)
 
+    def uri(self, name: str) -> str:
+        """Where `name` (a subfolder written straight at the target: DIRECT) lives: `URI/name`, or
+        the local folder's absolute path."""
+        return f"{self.target}/{name}" if self.remote else str((self.local / name).resolve())
+
+    def discard(self) -> None:
+        """Remove what a job that failed before it began left: the staging folder of a URI (and
+        at the URI, the direct subfolders), or a plain folder's own files."""
+        import pyarrow.fs as pafs
+
+        if self.remote:
+            fs, root = _filesystem(self.target)
+            for name in DIRECT:
+                if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound:
+                    fs.delete_dir(f"{root}/{name}")
+            self.reset()
+        elif self.local.is_dir():
+            for entry in self.local.iterdir():
+                if entry.name != LOG:  # the job's log may still be open, and says what went wrong
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
     def ray_storage(self) -> str:
         """Ray Train's / Tune's storage_path: `URI/ray`, or the local folder's absolute `ray/`."""
         if self.remote:
@@ -74,15 +98,15 @@ class Storage:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     def pull(self) -> None:
-        """Fill the staging folder from the target (Ray's own storage stays where it is)."""
+        """Fill the staging folder from the target (the direct subfolders stay where they are)."""
         if self.remote:
             self.reset()
             _copy_tree(*_filesystem(self.target), _local_fs(), str(self.local.resolve()), skip=(LOG,))
 
     def snapshot(self) -> Path:
         """A local folder to read the target from: the path itself, or a fresh private copy of
-        the URI's folder (private, so that replicas or jobs on one node never share a copy that
-        another is refreshing)."""
+        the URI's folder, without the direct subfolders, which are read where they are (private,
+        so that replicas or jobs on one node never share a copy that another is refreshing)."""
         if not self.remote:
             return self.local
         copy = Path(tempfile.mkdtemp(prefix=f"{self.local.name}-", dir=self.local.parent))
@@ -125,19 +149,16 @@ def _filesystem(uri: str):
 
 
 def _copy_tree(src_fs, src: str, dst_fs, dst: str, skip: tuple[str, ...] = ()) -> None:
-    """Copy every file under `src` to `dst`, but Ray's own storage, temporary files and `skip`."""
+    """Copy the folder `src` to `dst` with pyarrow.fs.copy_files, one top-level entry at a time,
+    leaving out the direct subfolders (DIRECT), temporary files and `skip`."""
     import pyarrow.fs as pafs
 
     try:
-        infos = src_fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True))
         dst_fs.create_dir(dst, recursive=True)
-        for info in infos:
-            rel = info.path[len(src.rstrip("/")) + 1:]
-            if rel.split("/")[0] in (RAY_SUBDIR, *skip) or ".tmp" in rel.rsplit("/", 1)[-1]:
+        for info in src_fs.get_file_info(pafs.FileSelector(src, allow_not_found=True)):
+            name = info.path.rstrip("/").rsplit("/", 1)[-1]
+            if name in (*DIRECT, *skip) or ".tmp" in name:
                 continue
-            if info.type == pafs.FileType.Directory:
-                dst_fs.create_dir(f"{dst}/{rel}", recursive=True)
-            elif info.type == pafs.FileType.File:
-                pafs.copy_files(info.path, f"{dst}/{rel}", source_filesystem=src_fs, destination_filesystem=dst_fs)
+            pafs.copy_files(info.path, f"{dst}/{name}", source_filesystem=src_fs, destination_filesystem=dst_fs)
     except OSError as e:
         raise StorageError(f"copying {src} to {dst} failed: {e}") from None

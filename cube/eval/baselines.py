@@ -6,15 +6,18 @@ inputs and targets are also L2-normalised after centring, because LLM hidden sta
 dominated by one mean direction). The evaluator scores a prediction against candidates moved
 into the same space.
 
-The MLP follows a recipe that does not lean on early stopping over a few dozen validation
-rows: a fixed schedule, with the epoch count picked on validation from a coarse grid (mean over
-seeds), and it is reported as the mean over several seeds because it is stochastic.
+Every baseline reads the training split as a stream (`TrainData`): ridge from its normal
+equations summed block by block in float64, the MLP from shuffled batches with a budget in
+steps. The MLP follows a recipe that does not lean on early stopping over a few dozen
+validation rows: a fixed schedule, with the epoch count picked on validation from a coarse grid
+(mean over seeds), and it is reported as the mean over several seeds because it is stochastic.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,6 +58,34 @@ class Centering:
         return F.normalize(a - self.a_mean, dim=-1) if space == "centred" else a
 
 
+Epochs = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch → its batches (q, a)
+
+
+@dataclass
+class TrainData:
+    """The training split as the baselines read it: its size and means, a pass over it in
+    blocks, and shuffled batches. In memory for small data and tests, or a Parquet stream
+    (cube.data.split.SplitData.train_data)."""
+
+    n: int
+    centering: Centering
+    blocks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # one pass, any order
+    shuffled: Callable[[int, int], Epochs]  # (batch_size, seed) → epochs of batches
+
+    @classmethod
+    def in_memory(cls, train: Split) -> TrainData:
+        def shuffled(batch_size: int, seed: int) -> Epochs:
+            gen = torch.Generator().manual_seed(seed)  # one generator for all epochs, taken in order
+
+            def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                for idx in torch.randperm(len(train.q), generator=gen).split(batch_size):
+                    yield train.q[idx], train.a[idx]
+
+            return epoch
+
+        return cls(len(train.q), Centering.fit(train), lambda: [(train.q, train.a)], shuffled)
+
+
 def held_out_mrr(pred: Predictor, data: HeldOut, centering: Centering) -> float:
     return retrieval_metrics(pred.predict(data.q), centering.answers(data.pool, pred.space), data.target)["mrr"]
 
@@ -69,17 +100,29 @@ def mean_answer(centering: Centering) -> Predictor:
     return Predictor("raw", lambda q: centering.a_mean.expand(q.shape[0], -1))
 
 
-def ridge(train: Split, val: HeldOut, centering: Centering, space: Space) -> Predictor:
-    """Closed-form W = (QᵀQ + λI)⁻¹QᵀA, λ picked by validation MRR."""
-    q = centering.questions(train.q, space).double()
-    a = centering.targets(train.a, space).double()
-    gram, cross = q.T @ q, q.T @ a
-    eye = torch.eye(q.shape[1], dtype=q.dtype, device=q.device)
+# The penalty relative to the trace of QᵀQ (the sum of the inputs' squared norms: N for
+# normalised inputs), so that it means the same at a thousand rows and at a million.
+RIDGE_GRID = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def ridge(train: TrainData, val: HeldOut, space: Space) -> Predictor:
+    """W = (QᵀQ + λI)⁻¹QᵀA from normal equations summed over the stream in float64, λ relative
+    to trace(QᵀQ) and picked by validation MRR."""
+    c = train.centering
+    gram: torch.Tensor | float = 0.0
+    cross: torch.Tensor | float = 0.0
+    for q, a in train.blocks():
+        x, y = c.questions(q, space).double(), c.targets(a, space).double()
+        gram = gram + x.T @ x
+        cross = cross + x.T @ y
+    assert isinstance(gram, torch.Tensor) and isinstance(cross, torch.Tensor), "no training rows"
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    trace = float(gram.trace())
     best: tuple[float, Predictor] | None = None
-    for lam in (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0):
-        w = torch.linalg.solve(gram + lam * eye, cross).float()
-        pred = Predictor(space, lambda x, w=w: centering.questions(x, space) @ w, detail=f"lambda={lam:g}")
-        score = held_out_mrr(pred, val, centering)
+    for r in RIDGE_GRID:
+        w = torch.linalg.solve(gram + r * trace * eye, cross).float()
+        pred = Predictor(space, lambda x, w=w: c.questions(x, space) @ w, detail=f"lambda={r:g}*trace")
+        score = held_out_mrr(pred, val, c)
         if best is None or score > best[0]:
             best = (score, pred)
     assert best is not None
@@ -112,82 +155,113 @@ class MLPRecipe:
     weight_decay: float = 0.01
     batch_size: int = 64
     epoch_grid: tuple[int, ...] = MLP_EPOCH_GRID
+    # On large data the grid's epochs would take millions of steps: the run is then cut to this
+    # many, and its snapshots taken at the same fractions of it as the grid's epochs.
+    max_steps: int = 20_000
+    threads: int = 0  # torch threads while it trains on a CPU; 0 = leave torch's setting
 
 
 @contextlib.contextmanager
 def cpu_threads(n: int) -> Iterator[None]:
-    """Run a block with `n` torch threads, then restore the caller's setting."""
+    """Run a block with `n` torch threads (0: as it is), then restore the caller's setting."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if n:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def _mlp_snapshots(
-    train: Split, centering: Centering, space: Space, recipe: MLPRecipe, seed: int
-) -> dict[int, nn.Module]:
-    """One constant-rate run; a copy of the model at every epoch count of the grid.
-
-    On a CPU it runs on one thread: its matrices are too small to split, and on a busy 2-core
-    machine two threads made it 7x slower (measured: 20 epochs of 600 pairs, 10.5 s vs 1.6 s)."""
-    if train.q.device.type == "cpu":
-        with cpu_threads(1):
-            return _mlp_run(train, centering, space, recipe, seed)
-    return _mlp_run(train, centering, space, recipe, seed)
-
-
-def _mlp_run(train: Split, centering: Centering, space: Space, recipe: MLPRecipe, seed: int) -> dict[int, nn.Module]:
+def _mlp_run(train: TrainData, space: Space, recipe: MLPRecipe, seed: int) -> dict[int, nn.Module]:
+    """One constant-rate run; a copy of the model at every epoch count of the grid. When the
+    grid's epochs would pass `max_steps`, the run stops there instead, with its copies at the
+    same fractions of it (keyed by the epoch counts they stand for)."""
     torch.manual_seed(seed)
-    q, a = centering.questions(train.q, space), centering.targets(train.a, space)
-    model = ResidualMLP(q.shape[1], recipe.hidden).to(q.device)
+    c = train.centering
+    dim = c.q_mean.shape[-1]
+    model = ResidualMLP(dim, recipe.hidden)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    epochs = train.shuffled(recipe.batch_size, seed)
+    last = max(recipe.epoch_grid)
+    budget = math.ceil(train.n / recipe.batch_size) * last > recipe.max_steps
+    at_step = {max(1, round(recipe.max_steps * e / last)): e for e in recipe.epoch_grid} if budget else {}
     snapshots: dict[int, nn.Module] = {}
-    for epoch in range(1, max(recipe.epoch_grid) + 1):
-        model.train()
-        for idx in torch.randperm(len(q), generator=gen).to(q.device).split(recipe.batch_size):
-            if len(idx) < 2:
-                continue  # InfoNCE needs negatives
-            loss = infonce(model(q[idx]), a[idx], recipe.temperature)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        if epoch in recipe.epoch_grid:
-            snapshot = ResidualMLP(q.shape[1], recipe.hidden).to(q.device)
-            snapshot.load_state_dict(model.state_dict())
-            snapshots[epoch] = snapshot.eval()
+    step = 0
+    with cpu_threads(recipe.threads):
+        for epoch in range(1, last + 1):
+            model.train()
+            for q, a in epochs(epoch - 1):
+                if len(q) < 2:
+                    continue  # InfoNCE needs negatives
+                loss = infonce(model(c.questions(q, space)), c.targets(a, space), recipe.temperature)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+                if step in at_step:
+                    snapshots[at_step[step]] = _frozen(model, dim, recipe)
+                if budget and len(snapshots) == len(at_step):
+                    return snapshots
+            if not budget and epoch in recipe.epoch_grid:
+                snapshots[epoch] = _frozen(model, dim, recipe)
     return snapshots
 
 
-def mlp(train: Split, val: HeldOut, centering: Centering, space: Space, seeds: int = 3,
-        recipe: MLPRecipe = MLPRecipe()) -> list[Predictor]:
-    """One predictor per seed, all trained for the epoch count with the best mean val MRR."""
+def _frozen(model: nn.Module, dim: int, recipe: MLPRecipe) -> nn.Module:
+    snapshot = ResidualMLP(dim, recipe.hidden)
+    snapshot.load_state_dict(model.state_dict())
+    return snapshot.eval()
+
+
+def mlp(
+    train: TrainData, val: HeldOut, space: Space, seeds: int = 3, recipe: MLPRecipe = MLPRecipe()
+) -> list[Predictor]:
+    """One predictor per seed, all taken at the grid point with the best mean val MRR."""
+    c = train.centering
 
     def predictor(m: nn.Module, epochs: int) -> Predictor:
-        return Predictor(space, lambda x: m(centering.questions(x, space)).detach(),
+        return Predictor(space, lambda x: m(c.questions(x, space)).detach(),
                          detail=f"hidden={recipe.hidden}, epochs={epochs} (chosen on val), {seeds} seeds")
 
-    runs = [_mlp_snapshots(train, centering, space, recipe, seed) for seed in range(seeds)]
+    runs = [_mlp_run(train, space, recipe, seed) for seed in range(seeds)]
     with torch.no_grad():
-        mean_val = {
-            e: sum(held_out_mrr(predictor(r[e], e), val, centering) for r in runs) / seeds for e in recipe.epoch_grid
-        }
+        mean_val = {e: sum(held_out_mrr(predictor(r[e], e), val, c) for r in runs) / seeds for e in recipe.epoch_grid}
     best = max(mean_val, key=mean_val.get)
     return [predictor(r[best], best) for r in runs]
 
 
-def fit_baselines(train: Split, val: HeldOut, seeds: int = 3) -> dict[str, list[Predictor]]:
-    """Every baseline the cube is compared with, keyed by its report name; stochastic ones
-    hold one predictor per seed, and their metrics are averaged over those."""
-    c = Centering.fit(train)
-    return {
-        "identity": [identity(c, "raw")],
-        "identity_centred": [identity(c, "centred")],
-        "mean_answer": [mean_answer(c)],
-        "ridge": [ridge(train, val, c, "raw")],
-        "ridge_centred": [ridge(train, val, c, "centred")],
-        "mlp": mlp(train, val, c, "raw", seeds),
-        "mlp_centred": mlp(train, val, c, "centred", seeds),
+FAMILIES = ("identity", "mean_answer", "ridge", "mlp")
+NAMES = ("identity", "identity_centred", "mean_answer", "ridge", "ridge_centred", "mlp", "mlp_centred")
+
+
+def parse_baselines(spec: str) -> tuple[str, ...]:
+    """`all`, or a comma list of names or families (`ridge` is ridge and ridge_centred), in
+    report order.
+
+    Raises:
+        ValueError: an unknown name, naming the valid ones."""
+    if spec.strip() == "all":
+        return NAMES
+    asked = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in asked if s not in NAMES and s not in FAMILIES]
+    if unknown or not asked:
+        raise ValueError(f"baselines: {unknown or spec!r} is not a baseline; use all, or a comma list of {list(NAMES)}")
+    return tuple(n for n in NAMES if n in asked or n.removesuffix("_centred") in asked)
+
+
+def fit_baselines(train: TrainData, val: HeldOut, seeds: int = 3, which: str = "all",
+                  recipe: MLPRecipe = MLPRecipe()) -> dict[str, list[Predictor]]:
+    """The baselines the cube is compared with (`which`: see parse_baselines), keyed by report
+    name; stochastic ones hold one predictor per seed, and their metrics are averaged over those."""
+    c = train.centering
+    makers: dict[str, Callable[[], list[Predictor]]] = {
+        "identity": lambda: [identity(c, "raw")],
+        "identity_centred": lambda: [identity(c, "centred")],
+        "mean_answer": lambda: [mean_answer(c)],
+        "ridge": lambda: [ridge(train, val, "raw")],
+        "ridge_centred": lambda: [ridge(train, val, "centred")],
+        "mlp": lambda: mlp(train, val, "raw", seeds, recipe),
+        "mlp_centred": lambda: mlp(train, val, "centred", seeds, recipe),
     }
+    return {name: makers[name]() for name in parse_baselines(which)}

@@ -13,6 +13,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from cube.data.qa import text_hash
+
 METRICS = ("cos", "recall@1", "recall@5", "mrr")
 
 
@@ -115,6 +117,13 @@ class HeldOut:
 
     def __len__(self) -> int:
         return len(self.q)
+
+    def sample(self, n: int, seed: int = 0) -> HeldOut:
+        """`n` of the questions, chosen by a seeded hash of their text (so the same ones whatever
+        the row order), kept in their order; the pool stays whole."""
+        keys = text_hash([f"{seed}\x00{q}" for q in self.questions])
+        idx = np.sort(np.argsort(keys, kind="stable")[:n])
+        return HeldOut(self.q[idx], self.pool, self.target[idx], [self.questions[i] for i in idx], self.answers)
 
     def head(self, n: int) -> HeldOut:
         """The first `n` questions, ranked in the pool of their own answers."""

@@ -6,13 +6,13 @@ against all of them, so the chance level is known and stated.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from cube.config import load_config
 from cube.data.rundir import RunDir
-from cube.eval.baselines import Centering, Predictor, fit_baselines
+from cube.eval.baselines import Centering, MLPRecipe, Predictor, TrainData, fit_baselines
 from cube.eval.inference import predict
 from cube.eval.metrics import METRICS, HeldOut, Split, chance_metrics, retrieval_metrics, top_k
 from cube.job_config import TrainConfig
@@ -41,21 +41,25 @@ def score_baselines(fitted: dict[str, list[Predictor]], centering: Centering, te
     return {"baselines": metrics, "baseline_details": details, "best_baseline": best}
 
 
-def baseline_report(train: Split, val: HeldOut, test: HeldOut, seeds: int = 3) -> dict:
-    """Every baseline fit on `train` (choices made on `val`), scored on `test`."""
-    return score_baselines(fit_baselines(train, val, seeds=seeds), Centering.fit(train), test)
+def baseline_report(train: TrainData, val: HeldOut, test: HeldOut, seeds: int = 3, which: str = "all",
+                    recipe: MLPRecipe = MLPRecipe()) -> dict:
+    """The baselines `which` fit on `train` (choices made on `val`), scored on `test`."""
+    return score_baselines(fit_baselines(train, val, seeds, which, recipe), train.centering, test)
 
 
-def compare(model: CellularCube, train: Split, val: HeldOut, test: HeldOut, seeds: int = 3, n_examples: int = 5,
-            baselines: dict | None = None) -> dict:
+def compare(model: CellularCube, train: TrainData | Split, val: HeldOut, test: HeldOut, seeds: int = 3,
+            n_examples: int = 5, baselines: dict | None = None, which: str = "all",
+            recipe: MLPRecipe = MLPRecipe()) -> dict:
     """Report dict: pool size, chance, cube and baseline metrics, best baseline, examples.
 
     `baselines` is a `baseline_report` already computed on the same split (a sweep fits them once)."""
+    if isinstance(train, Split):
+        train = TrainData.in_memory(train)
     report: dict = {"pool_size": len(test.pool), "n_questions": len(test.q), "chance": chance_metrics(len(test.pool))}
     cube_pred = predict(model, test.q)
     report["cube"] = retrieval_metrics(cube_pred, test.pool - model.a_mean.cpu(), test.target)
     report["cube_params"] = count_parameters(model)
-    report.update(baselines or baseline_report(train, val, test, seeds))
+    report.update(baselines or baseline_report(train, val, test, seeds, which, recipe))
     best = report["best_baseline"]
     report["cube_minus_best_mrr"] = report["cube"]["mrr"] - report["baselines"][best]["mrr"]
     shown = torch.arange(0, len(test.q), max(1, len(test.q) // n_examples))[:n_examples]
@@ -69,21 +73,44 @@ def compare(model: CellularCube, train: Split, val: HeldOut, test: HeldOut, seed
     return report
 
 
+def run_train_data(run: RunDir) -> TrainData:
+    """The run's training split as the baselines stream it (blocks in file order, and shuffled
+    batches), centred with the run's own means."""
+    split, m = run.split(), run.moments()
+
+    def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for q, a in split.vector_batches("train"):
+            yield torch.from_numpy(q), torch.from_numpy(a)
+
+    centering = Centering(torch.from_numpy(m.q_mean).float(), torch.from_numpy(m.a_mean).float())
+    return TrainData(m.count, centering, blocks, lambda batch_size, seed: split.shuffled("train", batch_size, seed))
+
+
 def evaluate_run(run_path: str | Path, test: HeldOut | None = None, source: str | None = None,
                  fitted: dict[str, list[Predictor]] | None = None) -> dict:
-    """The comparison report for a run: on its own test split, or on `test` (from another file).
+    """The comparison report for a run: on its own test split (a seeded sample of
+    `eval_questions` of them when there are more, ranked against every test answer), or on
+    `test` (from another file).
 
     `fitted` are baselines already fit on the run's training split (a sweep fits them once)."""
     run = RunDir(run_path)
-    run.require("model", "split.parquet", "teacher.json", "config.yaml")
+    run.require("model", "split.json", "teacher.json", "config.yaml")
     teacher, _ = run.teacher()
     model, _ = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
-    seeds = load_config(TrainConfig, run.path / "config.yaml").baseline_seeds
-    pairs = run.data()
-    train, test = pairs.split("train"), test or pairs.held_out("test")
-    baselines = score_baselines(fitted, Centering.fit(train), test) if fitted else None
-    report = compare(model, train, pairs.held_out("val"), test, seeds=seeds, baselines=baselines)
-    report["evaluated_on"] = source or f"{run.path}/split.parquet (test split)"
+    cfg = run.config(TrainConfig)
+    split = run.split()
+    train = run_train_data(run)
+    total = None
+    if test is None:
+        total = split.count("test")
+        test = split.held_out("test", questions=cfg.eval_questions, seed=cfg.data.seed)
+    val = split.held_out("val", questions=cfg.val_questions, seed=cfg.data.seed)
+    baselines = score_baselines(fitted, train.centering, test) if fitted else None
+    report = compare(model, train, val, test, seeds=cfg.baseline_seeds, baselines=baselines, which=cfg.baselines,
+                     recipe=MLPRecipe(threads=cfg.baseline_threads))
+    report["evaluated_on"] = source or f"{split.root} (test split)"
+    if total is not None and total > len(test):
+        report["n_questions_in_split"] = total
     report["teacher"] = teacher.identity()
     return report
 
@@ -92,7 +119,9 @@ def format_report(report: dict, n_examples: int = 5) -> str:
     """The comparison as a plain-text table, best baseline marked, examples below."""
     header = f"{'method':<18} {'space':<8} " + " ".join(f"{m:>9}" for m in METRICS)
     lines = [
-        f"held-out questions: {report['n_questions']}, candidate pool: {report['pool_size']} distinct answers",
+        f"held-out questions: {report['n_questions']}"
+        + (f" (a seeded sample of {report['n_questions_in_split']})" if "n_questions_in_split" in report else "")
+        + f", candidate pool: {report['pool_size']} distinct answers",
         header,
         "-" * len(header),
     ]

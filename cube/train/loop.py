@@ -178,11 +178,11 @@ def _graphed_step(
 
 
 def fit(
-    model: CellularCube, train: Split | Batches, val: HeldOut, loss_cfg: LossConfig, optim_cfg: OptimConfig, *,
-    seed: int = 0, rank: int = 0, probe: HeldOut | None = None, on_epoch: Callable[[EpochEnd], None] | None = None,
+    model: CellularCube, train: Split | Batches, val: HeldOut | None, loss_cfg: LossConfig, optim_cfg: OptimConfig,
+    *, seed: int = 0, rank: int = 0, probe: HeldOut | None = None, on_epoch: Callable[[EpochEnd], None] | None = None,
     state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None, world_size: int = 1,
     wrap: Callable[[nn.Module], nn.Module] | None = None, steps_per_epoch: int | None = None,
-    graphed: bool | None = None,
+    graphed: bool | None = None, share: Callable[[Any], Any] | None = None,
 ) -> Progress:
     """Train `model` on `train`, score `val` after every epoch.
 
@@ -191,10 +191,11 @@ def fit(
     rank must take the same number of steps. `wrap` makes the module the optimiser steps through
     (DDP under Ray Train); `state` is a checkpoint's (tensors, meta) from
     `checkpoint.load_train_state`, to continue where it stopped; `probe` is a slice of training
-    pairs scored like `val`, so train-vs-val gaps are not an artefact of pool size. `graphed`
-    overrides `optim_cfg.cuda_graphs` (True on a CPU runs the graphed step's body uncaptured: how
-    the CPU tests check that path). The model keeps the lattice kernel that `optim_cfg.kernel`
-    resolves to (it changes speed, not results).
+    pairs scored like `val`, so train-vs-val gaps are not an artefact of pool size. Under DDP
+    only rank 0 needs `val` and `probe`: `share` hands rank 0's scores to every rank, so that all
+    stop on the same numbers. `graphed` overrides `optim_cfg.cuda_graphs` (True on a CPU runs the
+    graphed step's body uncaptured: how the CPU tests check that path). The model keeps the
+    lattice kernel that `optim_cfg.kernel` resolves to (it changes speed, not results).
 
     Raises:
         ValueError: the shard holds fewer pairs than one batch.
@@ -225,7 +226,14 @@ def fit(
     for epoch in range(progress.epoch, optim_cfg.epochs):
         torch.manual_seed(epoch_seed(seed, epoch, rank))
         stats = one_epoch(islice(train(epoch), steps), epoch)
-        val_metrics = score_held_out(model, val)
+        scores = None
+        if val is not None:
+            scores = {"val": score_held_out(model, val),
+                      **({"train": score_held_out(model, probe)} if probe is not None else {})}
+        scores = share(scores) if share is not None else scores
+        if scores is None:
+            raise ValueError("fit needs `val` (on rank 0, with `share` for the other ranks)")
+        val_metrics = scores["val"]
         if val_metrics["nonfinite"] > 0:
             raise DivergenceError(f"training diverged at epoch {epoch + 1}: {val_metrics['nonfinite']:.0%} of the "
                                   "validation predictions are non-finite (NaN or inf) although the loss was finite; "
@@ -236,8 +244,8 @@ def fit(
                                    **_flat("val", val_metrics), "best_val_mrr": progress.best_val_mrr,
                                    "peak_memory_mb": _peak_memory_mb(device), "improved": improved,
                                    "resumed_from": resumed_from, "finished": stop or epoch + 1 == optim_cfg.epochs}
-        if probe is not None:
-            metrics.update(_flat("train", score_held_out(model, probe)))
+        if "train" in scores:
+            metrics.update(_flat("train", scores["train"]))
         if on_epoch is not None:
             on_epoch(EpochEnd(metrics, val_metrics, model, opt, sched, progress))
         if stop:

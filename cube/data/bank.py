@@ -1,0 +1,161 @@
+"""The answer bank a served run searches, as an artefact of its own:
+
+    RUN/bank/part-*.parquet     text, vector (fixed-size list of float32 or float16)
+
+Written once at the end of training from the split dataset (every distinct answer of every
+split), streamed; read by each Serve replica from the run's path or URI, with no copy of the run.
+One matrix of raw vectors serves both searches: the cube's (in its centred space) and the
+identity baseline's (raw), through per-answer norms. Search is exact top-k, in blocks.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from cube.data.qa import SPLITS, text_hash
+from cube.data.split import SplitData, filesystem, vectors
+
+ROWS_PER_PART = 100_000
+DTYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(), np.float16)}
+SEARCH_BLOCK = 262_144  # answers scored at once per query batch: bounds the score matrix
+
+
+class BankError(RuntimeError):
+    """A bank that is missing or does not fit the run it is served with."""
+
+
+@dataclass
+class Answer:
+    answer: str
+    score: float  # cosine between the prediction and the chosen answer, in the search's space
+
+
+def _bank_table(texts: list[str], vecs: np.ndarray, dtype: str) -> pa.Table:
+    arrow_type, np_type = DTYPES[dtype]
+    flat = pa.array(np.ascontiguousarray(vecs, dtype=np_type).reshape(-1), type=arrow_type)
+    return pa.table({"text": pa.array(texts, pa.string()),
+                     "vector": pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1])})
+
+
+class BankWriter:
+    """Writes a bank folder part by part, skipping answers it has already written."""
+
+    def __init__(self, target: str, dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise BankError(f"bank dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.fs, self.path = filesystem(target)
+        self.fs.create_dir(self.path, recursive=True)
+        self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
+        self.dtype, self.seen = dtype, set()
+        self.texts: list[str] = []
+        self.vecs: list[np.ndarray] = []
+        self.rows = 0
+
+    def add(self, texts: list[str], vecs: np.ndarray) -> None:
+        keys = text_hash(texts)
+        keep = [i for i, k in enumerate(keys.tolist()) if not (k in self.seen or self.seen.add(k))]
+        self.texts += [texts[i] for i in keep]
+        self.vecs.append(vecs[keep])
+        if len(self.texts) >= ROWS_PER_PART:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.texts:
+            table = _bank_table(self.texts, np.concatenate(self.vecs), self.dtype)
+            with self.fs.open_output_stream(f"{self.path}/part-{uuid.uuid4().hex}.parquet") as f:
+                pq.write_table(table, f)
+            self.rows += len(self.texts)
+        self.texts, self.vecs = [], []
+
+    def close(self) -> int:
+        self.flush()
+        return self.rows
+
+
+def write_bank_from_split(split: SplitData, target: str, dtype: str = "float32") -> int:
+    """Every distinct answer of the split dataset (all splits) with its vector, into `target`;
+    returns how many. Memory: one read batch and 8 bytes per distinct answer."""
+    writer = BankWriter(target, dtype)
+    for name in SPLITS:
+        for batch in split.batches(name, ["answer", "a_vec"]):
+            writer.add(batch.column("answer").to_pylist(), vectors(batch.column("a_vec")))
+    return writer.close()
+
+
+class AnswerBank:
+    """Candidate answers with their raw teacher vectors, searched two ways: in the cube's centred
+    space (the cube's prediction against answer − a_mean), and in the raw space (the identity
+    baseline: the question's own embedding against the raw answers, as `cube eval` scores it)."""
+
+    def __init__(self, texts: list[str], vecs: np.ndarray | torch.Tensor, a_mean: torch.Tensor) -> None:
+        if len(texts) != len(vecs) or not len(texts):
+            raise BankError(f"an answer bank needs one vector per text and at least one text, got "
+                            f"{len(texts)} / {len(vecs)}")
+        self.texts = texts
+        self.vectors = torch.as_tensor(np.asarray(vecs)) if not torch.is_tensor(vecs) else vecs  # (P, E)
+        self.a_mean = a_mean.detach().float().cpu()
+        raw_norm, centred_norm = [], []
+        for block in self.vectors.split(SEARCH_BLOCK):
+            v = block.float()
+            raw_norm.append(v.norm(dim=-1))
+            centred_norm.append((v - self.a_mean).norm(dim=-1))
+        self.raw_norm = torch.cat(raw_norm).clamp_min(1e-12)  # (P,)
+        self.centred_norm = torch.cat(centred_norm).clamp_min(1e-12)
+
+    @classmethod
+    def read(cls, target: str, a_mean: torch.Tensor) -> AnswerBank:
+        """A bank folder (path or URI) into memory, as written (float16 stays float16)."""
+        fs, path = filesystem(target)
+        try:
+            table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+        except (FileNotFoundError, OSError) as e:
+            raise BankError(f"no answer bank at {target} ({e}); a run trained before banks existed needs "
+                            "`cube train` again") from None
+        col = table.column("vector").combine_chunks()
+        flat = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
+        return cls(table.column("text").to_pylist(), flat, a_mean)
+
+    def extended(self, texts: list[str], vecs: np.ndarray) -> AnswerBank:
+        """This bank plus answers it does not hold yet (texts already in it are skipped)."""
+        known = set(self.texts)
+        keep = [i for i, t in enumerate(texts) if t not in known]
+        if not keep:
+            return self
+        more = torch.as_tensor(np.asarray(vecs)[keep]).to(self.vectors.dtype)
+        return AnswerBank(self.texts + [texts[i] for i in keep], torch.cat([self.vectors, more]), self.a_mean)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @torch.no_grad()
+    def top(self, pred: torch.Tensor, k: int, raw: bool = False) -> list[list[Answer]]:
+        """(B, E) queries → for each, the k best answers by cosine, best first: a centred
+        prediction of the cube, or (`raw`) a raw question embedding."""
+        q = F.normalize(pred.float(), dim=-1)  # (B, E)
+        shift = None if raw else q @ self.a_mean  # (B,): q·(v − m) = q·v − q·m
+        norms = self.raw_norm if raw else self.centred_norm
+        k = min(k, len(self.texts))
+        best_s = torch.full((len(q), 0), -torch.inf)
+        best_i = torch.zeros((len(q), 0), dtype=torch.long)
+        for start in range(0, len(self.texts), SEARCH_BLOCK):
+            v = self.vectors[start : start + SEARCH_BLOCK].float()
+            s = q @ v.T  # (B, block)
+            if shift is not None:
+                s = s - shift[:, None]
+            s = (s / norms[start : start + len(v)]).nan_to_num(nan=-torch.inf)
+            s_k, i_k = s.topk(min(k, s.shape[1]), dim=1)
+            best_s, order = torch.cat([best_s, s_k], 1).topk(min(k, best_s.shape[1] + s_k.shape[1]), dim=1)
+            best_i = torch.cat([best_i, i_k + start], 1).gather(1, order)
+        return [[Answer(self.texts[i], float(s)) for i, s in zip(row_i, row_s)]
+                for row_i, row_s in zip(best_i.tolist(), best_s.tolist())]
+
+    def nearest(self, pred: torch.Tensor) -> list[Answer]:
+        return [row[0] for row in self.top(pred, 1)]
