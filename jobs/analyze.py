@@ -17,6 +17,7 @@ import numpy as np
 from cube.data.rundir import RunDir, write_json
 from cube.data.storage import Storage
 from cube.eval.analysis import analyse, write_report
+from cube.job_config import TrainConfig
 from cube.train.checkpoint import load_checkpoint
 from jobs.common import add_verbose_flag, run_main, setup_logging
 
@@ -37,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     with Storage.of(args.run).reading() as path:
         run = RunDir(path)
-        run.require("model", "split.parquet", "teacher.json")
+        run.require("model", "split.json", "teacher.json")
         teacher, _ = run.teacher()
         model, _ = load_checkpoint(run.model_dir, expected_teacher=teacher.identity())
-        held_out = run.data().held_out("test")
+        cfg = run.config(TrainConfig)
+        held_out = run.split().held_out("test", questions=cfg.eval_questions, seed=cfg.data.seed)
     result = analyse(model, held_out, damage_trials=args.damage_trials)
     store = Storage.of(args.output or f"{args.run.rstrip('/')}/analysis")
     store.reset()

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     embedded = ensure_ray()
     report = train(args.data, out, cfg)
     print("\n" + format_report(report, n_examples=3))
-    test, _, _ = RunDir(out).data().part("test")
+    test = RunDir(out).split().table("test", ["question", "answer"]).to_pandas()
+    test = test.sort_values("question", ignore_index=True)  # the same picks whatever order Ray Data wrote
     picks = test.iloc[[0, len(test) // 2, len(test) - 1]]
     url = start(out, port=args.port)
     try:

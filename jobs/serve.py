@@ -87,7 +87,7 @@ def start(
 
     # Checked before Ray is touched: the run folder and the settings.
     if not is_uri(run_dir):  # a URI is checked by build_app, on the copy it reads
-        RunDir(run_dir).require("model", "split.parquet", "teacher.json")
+        RunDir(run_dir).require("model", "bank.json", "teacher.json")
     cfg = load_settings(config, settings, overrides)
     args: dict[str, Any] = {"run_dir": str(run_dir), "settings": to_dict(cfg)}
     if answers is not None:

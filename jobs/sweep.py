@@ -1,16 +1,23 @@
 """Ray Tune + Optuna over the cube: trials, the Tuner, resume, and the winner's run folder.
 
-A sweep folder is a run folder's inputs (config.yaml, teacher.json, split.parquet: embedded
-once, trials read vectors and never the teacher) plus Tune's experiment (ray/) and what the
-report writes. A trial is one call of `cube.train.loop.fit` in its own process, reporting every
-epoch to Tune (ASHA stops weak ones); with `workers_per_trial` it is a driver that fits its own
-Ray Train `TorchTrainer` instead, the way Ray 2.60 combines Tune with Train.
+A sweep folder is a run folder's inputs (config.yaml, teacher.json, split.json and the split
+dataset: embedded once, trials read vectors and never the teacher) plus Tune's experiment (ray/)
+and what the report writes. A trial is one call of `cube.train.loop.fit` in its own process,
+streaming its batches from the split's Parquet files (one copy of the data on disk for all
+trials, memory the size of a shuffle buffer) and reporting every epoch to Tune (ASHA stops weak
+ones); with `workers_per_trial` it is a driver that fits its own Ray Train `TorchTrainer`
+instead, the way Ray 2.60 combines Tune with Train.
+
+Optuna learns only from comparable trials: Ray's OptunaSearch tells it that every ended trial
+COMPLETEd with its last value, also those ASHA stopped after two epochs; `BudgetAwareOptuna`
+tells it those were PRUNED, and errored ones FAILed.
 
 Everything a Ray worker runs lives here, in an importable module; `cube tune` is jobs/tune.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -21,12 +28,13 @@ import pandas as pd
 import torch
 import yaml
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 from tqdm import tqdm
 
 from cube.config import load_config, save_config, to_dict
 from cube.data.rundir import RunDir, write_json
+from cube.data.split import SplitData
 from cube.data.storage import Storage
-from cube.eval.metrics import HeldOut, Split
 from cube.job_config import TrainConfig, TuneConfig
 from cube.train.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.train.loop import EpochEnd, build_model, fit
@@ -41,13 +49,17 @@ EXPERIMENT = "sweep"
 # ---------------------------------------------------------------- trials (run in Ray workers)
 
 
-def cube_trial(params: dict[str, Any], *, base: dict[str, Any], train: Split, val: HeldOut, probe: HeldOut,
-               teacher: dict[str, Any], threads: int) -> None:
-    """One in-process training run: the draws applied to the base config, reported every epoch."""
+def cube_trial(params: dict[str, Any], *, base: dict[str, Any], split_root: str, teacher: dict[str, Any],
+               moments: dict[str, list[float]], rows: int, threads: int) -> None:
+    """One in-process training run: the draws applied to the base config, the training split
+    streamed from its Parquet files, reported every epoch."""
     torch.set_num_threads(threads)
     cfg = trial_config(TrainConfig, base, params)  # an invalid combination fails here, with the rule's message
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(cfg.cube, train.q.mean(0), train.a.mean(0), device, cfg.seed)
+    split = SplitData(split_root)
+    val = split.held_out("val", questions=cfg.val_questions, seed=cfg.data.seed)
+    probe = split.held_out("train", questions=cfg.val_questions, seed=cfg.data.seed, limit=len(val.pool))
+    model = build_model(cfg.cube, torch.tensor(moments["q_mean"]), torch.tensor(moments["a_mean"]), device, cfg.seed)
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint:  # the trial was interrupted (its node died, or the sweep was resumed)
@@ -60,7 +72,12 @@ def cube_trial(params: dict[str, Any], *, base: dict[str, Any], train: Split, va
             save_epoch(d, end, teacher, cfg.data.seed)
             tune.report(end.metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    fit(model, train, val, cfg.loss, cfg.optim, seed=cfg.seed, probe=probe, on_epoch=report, state=state)
+    batches = split.shuffled("train", cfg.optim.batch_size, cfg.seed, buffer=TRIAL_SHUFFLE_BUFFER)
+    fit(model, batches, val, cfg.loss, cfg.optim, seed=cfg.seed, probe=probe, on_epoch=report, state=state,
+        steps_per_epoch=rows // cfg.optim.batch_size)
+
+
+TRIAL_SHUFFLE_BUFFER = 65_536  # rows a trial mixes at once (its memory for training data)
 
 
 def train_driver_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, workers: int) -> None:
@@ -73,9 +90,7 @@ def train_driver_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_di
     trial = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
     trial.mkdir(parents=True, exist_ok=True)
     save_config(cfg, trial / "config.yaml")
-    for name in ("teacher.json", "split.parquet"):
-        if not (trial / name).exists():
-            (trial / name).symlink_to(Path(sweep_dir, name).resolve())
+    link_inputs(RunDir(sweep_dir), RunDir(trial))
     trainer_for(RunDir(trial), cfg, Storage.of(trial).ray_storage(), callbacks=[TuneReportCallback()]).fit()
 
 
@@ -83,32 +98,47 @@ def train_driver_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_di
 
 
 def trainable(sweep: RunDir, settings: TuneConfig):
-    """The trial function with its data bound and its resources declared."""
-    base = to_dict(load_config(TrainConfig, sweep.path / "config.yaml"))
+    """The trial function with its data bound (where it is, never the data) and its resources declared."""
+    base = to_dict(sweep.config(TrainConfig))
     if settings.workers_per_trial:
         fn = tune.with_parameters(train_driver_trial, base=base, sweep_dir=str(sweep.path.resolve()),
                                   workers=settings.workers_per_trial)
         return tune.with_resources(fn, {"CPU": 0})  # the driver only waits; its workers hold the resources
-    data = sweep.data()
     teacher, _ = sweep.teacher()
-    fn = tune.with_parameters(cube_trial, base=base, train=data.split("train"), val=data.held_out("val"),
-                              probe=data.probe(), teacher=teacher.identity(),
-                              threads=max(1, math.floor(settings.cpus_per_trial)))
-    return tune.with_resources(fn, trial_resources(settings))
+    info = sweep.split_info()
+    split = sweep.split()
+    root = split.root if "://" in split.root else str(Path(split.root).resolve())
+    fn = tune.with_parameters(cube_trial, base=base, split_root=root, teacher=teacher.identity(),
+                              moments={"q_mean": info["q_mean"], "a_mean": info["a_mean"]},
+                              rows=info["rows"]["train"], threads=max(1, math.floor(settings.cpus_per_trial)))
+    return tune.with_resources(fn, trial_resources(settings, trial_memory(sweep)))
 
 
-def trial_resources(settings: TuneConfig) -> dict[str, float]:
+def trial_memory(sweep: RunDir) -> float:
+    """Bytes one in-process trial holds beside torch itself: its validation sample and its
+    probe (each rank against a whole pool), its shuffle buffer, and headroom for the model,
+    its optimiser and a batch through the lattice. What Ray's `memory` resource reserves, so
+    that the concurrency limit respects memory as well as CPUs and GPUs."""
+    cfg = sweep.config(TrainConfig)
+    _, dim = sweep.teacher()
+    info = sweep.split_info()
+    row = 2 * dim * 4 + 200  # two float32 vectors and some text
+    held = min(info["rows"]["val"], 10 * max(cfg.val_questions, 1)) * row * 2
+    return float(held + TRIAL_SHUFFLE_BUFFER * row * 3 + 512 * 2**20)
+
+
+def trial_resources(settings: TuneConfig, memory: float = 0.0) -> dict[str, float]:
     if settings.workers_per_trial:
         return {"CPU": 1.0, "GPU": settings.gpus_per_trial}  # one Ray Train worker
-    return {"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial}
+    return {"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial, "memory": memory}
 
 
-def concurrency(settings: TuneConfig) -> int:
-    """Trials at once: the setting, or as many as the cluster's nodes hold."""
+def concurrency(settings: TuneConfig, memory: float = 0.0) -> int:
+    """Trials at once: the setting, or as many as the cluster's nodes hold (CPUs, GPUs and memory)."""
     if settings.max_concurrent:
         return settings.max_concurrent
-    per_worker = trial_resources(settings)
-    slots = sum(int(min(node.get(k, 0.0) / v for k, v in per_worker.items() if v)) for node in node_resources())
+    per_trial = trial_resources(settings, memory)
+    slots = sum(int(min(node.get(k, 0.0) / v for k, v in per_trial.items() if v)) for node in node_resources())
     return max(1, min(slots // max(1, settings.workers_per_trial), settings.trials))
 
 
@@ -119,19 +149,46 @@ def max_epochs(base: dict[str, Any], space: list[Param]) -> int:
     return int(base["optim"]["epochs"])
 
 
+class BudgetAwareOptuna(OptunaSearch):
+    """OptunaSearch that tells Optuna what really happened to a trial. Ray's own tells it every
+    ended trial COMPLETEd with its last reported value: a trial ASHA stopped after two epochs
+    then counts for TPE as a full run, and an errored one as a success. Here:
+
+    - a trial that ran its budget (or stopped on its own patience: `finished` in its last
+      report) is COMPLETE, with the best validation MRR it reached (the checkpoint it keeps);
+    - a trial the scheduler stopped is PRUNED, its per-epoch values kept as intermediates;
+    - an errored trial, or a value that is not finite, is FAIL: Optuna never sees NaN or inf.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        from optuna.trial import TrialState
+
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        value = (result or {}).get("best_val_mrr")
+        if error or value is None or not math.isfinite(value):
+            state, value = TrialState.FAIL, None
+        elif not (result or {}).get("finished"):
+            state, value = TrialState.PRUNED, None
+        else:
+            state = TrialState.COMPLETE
+        self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        self._completed_trials.add(trial_id)
+
+
 def build_tuner(sweep: RunDir, settings: TuneConfig, space: list[Param], storage: str, callbacks: list | None = None):
     import optuna
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    base = to_dict(load_config(TrainConfig, sweep.path / "config.yaml"))
+    base = to_dict(sweep.config(TrainConfig))
     epochs = max_epochs(base, space)
     if settings.search == "tpe":
         sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(10, max(3, settings.trials // 4)))
     else:
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
-    searcher = ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrency(settings))
+    memory = trial_memory(sweep) if not settings.workers_per_trial else 0.0
+    searcher = ConcurrencyLimiter(BudgetAwareOptuna(sampler=sampler), max_concurrent=concurrency(settings, memory))
     if settings.scheduler == "asha":
         scheduler = AsyncHyperBandScheduler(
             time_attr="epoch",
@@ -161,9 +218,9 @@ def run_sweep(sweep: RunDir, settings: TuneConfig, space: list[Param], resume: b
     """Fit the Tuner (or restore it, leaving finished trials alone); returns the ResultGrid.
     `storage` is Tune's storage path (the sweep's `ray/`, or `URI/ray`), where every trial
     checkpoints from whichever node runs it."""
-    per_trial = trial_resources(settings)
+    per_trial = trial_resources(settings, trial_memory(sweep) if not settings.workers_per_trial else 0.0)
     require_resources([per_trial] * max(1, settings.workers_per_trial), "one trial",
-                      load_config(TrainConfig, sweep.path / "config.yaml").wait_for_resources_s)
+                      sweep.config(TrainConfig).wait_for_resources_s)
     path = f"{storage}/{EXPERIMENT}"
     if resume and tune.Tuner.can_restore(path):
         log.info("resuming the sweep in %s (finished trials are kept, unfinished ones continue)", path)
@@ -226,7 +283,8 @@ def trial_table(results, space: list[Param], max_t: int) -> pd.DataFrame:
             row.update({"val_mrr": best[METRIC], "val_recall_at_1": best.get("val_recall_at_1"),
                         "val_cos": best.get("val_cos"), "best_epoch": int(best["epoch"]), "epochs_run": epochs_run,
                         "trial_epochs": len(history)})
-            row["status"] = "errored" if result.error else ("finished" if epochs_run >= budget else "stopped early")
+            finished = bool(history["finished"].iloc[-1]) if "finished" in history else epochs_run >= budget
+            row["status"] = "errored" if result.error else ("finished" if finished else "stopped early")
         else:
             row.update({"epochs_run": 0, "trial_epochs": 0, "status": "errored" if result.error else "not run"})
         row["error"] = _error_line(result.error)
@@ -250,17 +308,28 @@ def best_checkpoint_dir(result) -> Any:
     raise RuntimeError(f"trial {result.path} reported no checkpoint")
 
 
+def link_inputs(sweep: RunDir, run: RunDir) -> None:
+    """A run folder inside the sweep reads the sweep's teacher, split and bank where they are."""
+    (run.path / "teacher.json").write_bytes((sweep.path / "teacher.json").read_bytes())
+    info = sweep.split_info()
+    root = sweep.split().root if "://" in info["root"] else str(Path(sweep.split().root).resolve())
+    write_json(run.path / "split.json", {**info, "root": root})
+    if (sweep.path / "bank.json").is_file():
+        bank = sweep.bank_root()
+        write_json(run.path / "bank.json", {**json.loads((sweep.path / "bank.json").read_text()),
+                                            "root": bank if "://" in bank else str(Path(bank).resolve())})
+
+
 def publish_best(sweep: RunDir, result, params: dict[str, Any]) -> RunDir:
     """SWEEP_DIR/best: a complete run folder of the winning trial, which `cube serve`, `cube eval`
     and `cube analyze` take as they are, and best_config.yaml, which `cube train --config` takes."""
-    base = to_dict(load_config(TrainConfig, sweep.path / "config.yaml"))
+    base = to_dict(sweep.config(TrainConfig))
     cfg = trial_config(TrainConfig, base, params)
     save_config(cfg, sweep.path / "best_config.yaml")
     best = RunDir(sweep.path / "best")
     best.path.mkdir(exist_ok=True)
     save_config(cfg, best.path / "config.yaml")
-    for name in ("teacher.json", "split.parquet"):
-        (best.path / name).write_bytes((sweep.path / name).read_bytes())
+    link_inputs(sweep, best)
     with best_checkpoint_dir(result).as_directory() as d:
         publish(d, best.model_dir)
     history = result.metrics_dataframe
@@ -310,20 +379,22 @@ def robustness(sweep: RunDir, cfg: TrainConfig, seeds: int, baselines_fitted, de
 
     import numpy as np
 
-    from cube.eval.baselines import Centering
     from cube.eval.inference import score_held_out
-    from cube.eval.report import score_baselines
+    from cube.eval.report import run_train_data, score_baselines
 
-    data = sweep.data()
-    train, val, test = data.split("train"), data.held_out("val"), data.held_out("test")
+    split, info = sweep.split(), sweep.split_info()
+    val = split.held_out("val", questions=cfg.val_questions, seed=cfg.data.seed)
+    test = split.held_out("test", questions=cfg.eval_questions, seed=cfg.data.seed)
     mrrs = []
     for seed in range(seeds):
         run_cfg = dataclasses.replace(cfg, seed=seed)
-        model = build_model(run_cfg.cube, train.q.mean(0), train.a.mean(0), device, seed)
-        fit(model, train, val, run_cfg.loss, run_cfg.optim, seed=seed)
+        model = build_model(run_cfg.cube, torch.tensor(info["q_mean"]), torch.tensor(info["a_mean"]), device, seed)
+        batches = split.shuffled("train", run_cfg.optim.batch_size, seed, buffer=TRIAL_SHUFFLE_BUFFER)
+        fit(model, batches, val, run_cfg.loss, run_cfg.optim, seed=seed,
+            steps_per_epoch=info["rows"]["train"] // run_cfg.optim.batch_size)
         mrrs.append(score_held_out(model, test)["mrr"])
         log.info("robustness: seed %d test MRR %.3f", seed, mrrs[-1])
-    base = score_baselines(baselines_fitted, Centering.fit(train), test)
+    base = score_baselines(baselines_fitted, run_train_data(sweep).centering, test)
     best = base["best_baseline"]
     return {"seeds": seeds, "cube_test_mrr": mrrs, "cube_test_mrr_mean": float(np.mean(mrrs)),
             "cube_test_mrr_std": float(np.std(mrrs)), "baselines_test": base["baselines"], "best_baseline": best,
@@ -340,11 +411,12 @@ def write_best_eval(best: RunDir, fitted) -> dict:
 
 def finish(sweep: RunDir, settings: TuneConfig, space: list[Param], results) -> dict[str, Any]:
     """Table, costs, report, the winner's run folder, its test evaluation and robustness."""
-    from cube.eval.baselines import Centering, fit_baselines
-    from cube.eval.report import score_baselines
+    from cube.eval.baselines import MLPRecipe, fit_baselines
+    from cube.eval.report import run_train_data, score_baselines
     from jobs.sweep_report import write_report
 
-    base = to_dict(load_config(TrainConfig, sweep.path / "config.yaml"))
+    cfg = sweep.config(TrainConfig)
+    base = to_dict(cfg)
     table = trial_table(results, space, max_epochs(base, space))
     _, dim = sweep.teacher()
     costs = {}
@@ -355,10 +427,11 @@ def finish(sweep: RunDir, settings: TuneConfig, space: list[Param], results) -> 
             continue  # an invalid combination: it errored, and has no size
     table["params"] = pd.Series({i: c[0] for i, c in costs.items()}, dtype=float)
     table["latency_ms"] = pd.Series({i: c[1] for i, c in costs.items()}, dtype=float)
-    data = sweep.data()
-    train, val = data.split("train"), data.held_out("val")
-    fitted = fit_baselines(train, val, seeds=max(1, settings.robustness_seeds))
-    baselines_val = {k: v["mrr"] for k, v in score_baselines(fitted, Centering.fit(train), val)["baselines"].items()}
+    train = run_train_data(sweep)
+    val = sweep.split().held_out("val", questions=cfg.val_questions, seed=cfg.data.seed)
+    fitted = fit_baselines(train, val, max(1, settings.robustness_seeds), cfg.baselines,
+                           MLPRecipe(threads=cfg.baseline_threads))
+    baselines_val = {k: v["mrr"] for k, v in score_baselines(fitted, train.centering, val)["baselines"].items()}
     scored = table.dropna(subset=["val_mrr"])
     if not len(scored):
         write_report(sweep.path, table.drop(columns="_result"), space, baselines_val, to_dict(settings))
@@ -372,8 +445,8 @@ def finish(sweep: RunDir, settings: TuneConfig, space: list[Param], results) -> 
              f"test MRR {best_eval['cube']['mrr']:.3f} (pool {best_eval['pool_size']}) vs best baseline "
              f"{best_eval['best_baseline']} {best_eval['baselines'][best_eval['best_baseline']]['mrr']:.3f}"]
     if settings.robustness_seeds:
-        cfg = load_config(TrainConfig, sweep.path / "best_config.yaml")
-        check = robustness(sweep, cfg, settings.robustness_seeds, fitted)
+        check = robustness(sweep, load_config(TrainConfig, sweep.path / "best_config.yaml"),
+                           settings.robustness_seeds, fitted)
         write_json(sweep.path / "robustness.json", check)
         lines.append(
             f"robustness ({check['seeds']} seeds, retrained from scratch): test MRR "

@@ -74,12 +74,13 @@ def plot_pareto(table: pd.DataFrame, baselines: dict[str, float], out: Path) -> 
 
 
 def importances(table: pd.DataFrame, space: list[Param]) -> dict[str, float]:
-    """Optuna's fANOVA importances from the finished and stopped trials' best validation MRR.
+    """Optuna's fANOVA importances from the best validation MRR of the trials that ran their
+    whole budget: a trial ASHA stopped after two epochs is not comparable with one that ran ten.
 
-    Returns an empty dict when there are too few trials or nothing varied."""
+    Returns an empty dict when there are too few such trials or nothing varied."""
     import optuna
 
-    done = table.dropna(subset=["val_mrr"])
+    done = table[table["status"] == "finished"].dropna(subset=["val_mrr"])
     varied = [p for p in space if done[p.key].nunique() > 1] if len(done) else []
     if len(done) < 4 or not varied:
         return {}
@@ -98,7 +99,8 @@ def plot_importance(values: dict[str, float], out: Path) -> Path:
     names = list(values)[::-1]
     ax.barh(names, [values[n] for n in names], color="tab:blue")
     ax.set_xlabel("importance for validation MRR (fANOVA)")
-    ax.set_title("which settings mattered" if values else "too few trials for importances")
+    ax.set_title("which settings mattered (trials that ran their whole budget)" if values
+                 else "too few trials ran their whole budget for importances")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

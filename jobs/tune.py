@@ -98,7 +98,11 @@ def start(args: argparse.Namespace, store: Storage) -> tuple[RunDir, TuneConfig,
         )
     store.reset()
     sweep = RunDir(store.local)
-    prepare_run(sweep, cfg, args.data)
+    try:
+        prepare_run(sweep, store, cfg, str(args.data))
+    except BaseException:
+        store.discard()
+        raise
     write_settings(sweep, settings, args.space)
     store.push()  # the inputs first: a sweep whose driver dies can be resumed from the URI
     return sweep, settings, args.space
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--resume takes only the sweep folder: its data, spaces and settings are already in it")
         store.pull()
         sweep = RunDir(store.local)
-        sweep.require("tune.yaml", "config.yaml", "split.parquet", "teacher.json")
+        sweep.require("tune.yaml", "config.yaml", "split.json", "teacher.json")
         settings, spaces = read_settings(sweep)
     else:
         sweep, settings, spaces = start(args, store)

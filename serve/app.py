@@ -45,14 +45,14 @@ def _live(s: DeploymentSettings) -> dict[str, Any]:
     return {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
 
 
-def compose(teacher: TeacherConfig, target: str, cfg: ServeConfig, answers: str | None = None,
+def compose(teacher: TeacherConfig, dim: int, target: str, cfg: ServeConfig, answers: str | None = None,
             store_folder: str | None = None) -> serve.Application:
     """Bind the four deployments for a checked run of `teacher` (read from `target`, its path or
     URI, by each predictor replica on its own node) with settings `cfg`."""
     # Old replicas finish their requests during a redeploy (a swap to another run) before they go.
     drain = {"graceful_shutdown_timeout_s": cfg.limits.request_timeout_s + 5}
     embedder = TeacherEmbedder.options(**cfg.embedder.options(), **drain, user_config=_live(cfg.embedder)).bind(
-        to_dict(teacher), to_dict(cfg.embedder))
+        to_dict(teacher), to_dict(cfg.embedder), dim)
     predictor = CubePredictor.options(**cfg.predictor.options(), **drain, user_config=_live(cfg.predictor)).bind(
         target, answers, store_folder, to_dict(cfg.predictor))
     generator = Generator.options(**cfg.generator.options(), **drain, user_config=_live(cfg.generator)).bind(
@@ -79,8 +79,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     target = str(args["run_dir"]) if is_uri(args["run_dir"]) else str(Path(args["run_dir"]).expanduser().resolve())
     with Storage.of(target).reading() as path:
         run = RunDir(path)
-        run.require("model", "split.parquet", "teacher.json")
-        teacher, _ = run.teacher()
+        run.require("model", "bank.json", "teacher.json")
+        teacher, dim = run.teacher()
     settings = args.get("settings") or {}
     if not isinstance(settings, dict):
         raise ValueError(f"settings must be a mapping of sections, got {settings!r}")
@@ -91,4 +91,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         store_folder = str(store.default_store(teacher.identity()))
         store.vectors_for(Path(store_folder), read_answers(answers))  # fail here, not in every replica
     log.info("serving %s (teacher %s)%s", target, teacher.name, f" with extra answers {answers}" if answers else "")
-    return compose(teacher, target, cfg, answers, store_folder)
+    return compose(teacher, dim, target, cfg, answers, store_folder)

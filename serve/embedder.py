@@ -16,7 +16,7 @@ import torch
 from ray import serve
 
 from cube.config import from_dict
-from cube.teachers import TeacherConfig, load_teacher
+from cube.teachers import TeacherConfig, TeacherError, load_teacher
 from serve.batching import BusyGate
 from serve.pipeline import Embedded, teacher_key
 from serve.settings import REPLICA_CPUS, DeploymentSettings
@@ -24,11 +24,15 @@ from serve.settings import REPLICA_CPUS, DeploymentSettings
 
 @serve.deployment(name="TeacherEmbedder", ray_actor_options={"num_cpus": REPLICA_CPUS})
 class TeacherEmbedder:
-    def __init__(self, teacher: dict[str, Any], settings: dict[str, Any]) -> None:
+    def __init__(self, teacher: dict[str, Any], settings: dict[str, Any], dim: int | None = None) -> None:
         s = from_dict(DeploymentSettings, settings)
         torch.set_num_threads(s.torch_threads)
         self.cfg = from_dict(TeacherConfig, teacher)
         self.teacher = load_teacher(self.cfg, s.device)
+        if dim is not None and self.teacher.dim != dim:  # a run trained on embeddings the user brought
+            raise TeacherError(f"teacher {self.cfg.name!r} makes {self.teacher.dim}-D vectors, but the run was trained "
+                               f"on {dim}-D ones: it cannot embed new questions for it; train the run with --set "
+                               "teacher=<the model whose space its embeddings are in>")
         self.key = teacher_key(self.cfg.identity())
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="teacher")  # one forward pass at a time
         self.gate = BusyGate()

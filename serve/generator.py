@@ -8,6 +8,7 @@ nothing and every reply says why generation is unavailable: that is a field, not
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,23 +17,25 @@ import torch
 from ray import serve
 
 from cube.config import from_dict
-from cube.teachers import TeacherConfig, TeacherError
+from cube.teachers import TeacherConfig
 from cube.teachers.generate import AnswerWriter, GeneratorConfig
 from serve.settings import REPLICA_CPUS, DeploymentSettings
 
+log = logging.getLogger("cube.serve")
 ENCODERS = {
     "minilm": "minilm (all-MiniLM-L6-v2) is a sentence encoder, not a causal language model: it cannot generate"
 }
 
 
 def load_writer(teacher: TeacherConfig, max_new_tokens: int, device: str) -> tuple[AnswerWriter | None, str | None]:
-    """(writer, None) for a teacher that can generate, else (None, why not)."""
+    """(writer, None) for a teacher that can generate, else (None, why not, with the error that
+    said so). The writer loads the teacher as the embedder does: its dtype and quantisation."""
     if teacher.name in ENCODERS:
         return None, ENCODERS[teacher.name]
     try:
-        return AnswerWriter(GeneratorConfig(name=teacher.name, max_new_tokens=max_new_tokens), device), None
-    except (TeacherError, ValueError, OSError) as e:
-        return None, f"teacher {teacher.name!r} cannot generate here: {e}"
+        return AnswerWriter(GeneratorConfig(name=teacher.name, max_new_tokens=max_new_tokens), device, teacher), None
+    except Exception as e:  # any failure to load is a reason shown in /v1/model and the log, not a dead replica
+        return None, f"teacher {teacher.name!r} cannot generate here: {type(e).__name__}: {e}"
 
 
 @serve.deployment(name="Generator", ray_actor_options={"num_cpus": REPLICA_CPUS})
@@ -42,6 +45,8 @@ class Generator:
         torch.set_num_threads(s.torch_threads)
         self.teacher = from_dict(TeacherConfig, teacher)
         self.writer, self.reason = load_writer(self.teacher, max_new_tokens, s.device)
+        if self.reason:
+            log.warning("generation unavailable: %s", self.reason)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="generate")
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -55,6 +60,10 @@ class Generator:
         texts = await asyncio.get_running_loop().run_in_executor(self.worker, self.writer.answer, questions)
         ms = (time.perf_counter() - t0) * 1e3
         return [(t, ms) for t in texts]
+
+    async def status(self) -> dict[str, Any]:
+        """Whether this replica can generate, and if not, why (shown in /v1/model)."""
+        return {"available": self.writer is not None, "teacher": self.teacher.name, "reason": self.reason}
 
     async def generate(self, question: str) -> dict[str, Any]:
         if self.writer is None:

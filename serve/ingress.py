@@ -94,8 +94,9 @@ class AnswerAPI:
                 "bank_size": info["bank_size"], "teacher": info["teacher"]["name"]}
 
     async def model(self) -> dict[str, Any]:
-        info = await self._within_deadline(self._call(self.predictor, "info"))
-        return {**info, "limits": vars(self.limits)}
+        info, generation = await self._within_deadline(asyncio.gather(
+            self._call(self.predictor, "info"), self._call(self.generator, "status")))
+        return {**info, "generation": generation, "limits": vars(self.limits)}
 
     async def answer(self, question: str, top_k: int) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
@@ -125,14 +126,18 @@ class AnswerAPI:
 
         async def run() -> dict[str, Any]:
             teacher = asyncio.ensure_future(generated())
-            embedded, embed_ms = await timed(self._embed(question))
-            (cube, cube_ms), (identity, identity_ms) = await asyncio.gather(
-                timed(self._call(self.predictor, "answer", embedded, 1)),
-                timed(self._call(self.predictor, "identity", embedded, 1)))
-            return {"question": question, "model_version": cube["model_version"],
-                    "cube": {**cube["answers"][0], "ms": embed_ms + cube_ms},
-                    "identity": {**identity[0], "ms": embed_ms + identity_ms},
-                    "teacher": await teacher, "timings_ms": {"embed": embed_ms}}
+            try:
+                embedded, embed_ms = await timed(self._embed(question))
+                (cube, cube_ms), (identity, identity_ms) = await asyncio.gather(
+                    timed(self._call(self.predictor, "answer", embedded, 1)),
+                    timed(self._call(self.predictor, "identity", embedded, 1)))
+                return {"question": question, "model_version": cube["model_version"],
+                        "cube": {**cube["answers"][0], "ms": embed_ms + cube_ms},
+                        "identity": {**identity[0], "ms": embed_ms + identity_ms},
+                        "teacher": await teacher, "timings_ms": {"embed": embed_ms}}
+            finally:  # a timeout (or a failure) cancels the generation too, instead of leaving it running
+                if not teacher.done():
+                    teacher.cancel()
 
         return await self._within_deadline(run())
 

@@ -67,11 +67,15 @@ def test_optimizer_scheduler_round_trip(tmp_path):
 
 
 def test_store_adds_only_new_ids_and_refuses_other_teachers(tmp_path):
+    from cube.data.qa import text_hash
+
     folder = store.open_store(tmp_path / "s", TEACHER)
     v = np.random.rand(3, 4).astype(np.float32)
-    store.write_part(folder, store.to_table(["a", "b", "c"], ["x", "y", "z"], v, np.zeros(3, bool), TEACHER))
-    assert store.existing_ids(folder) == {"a", "b", "c"}
-    np.testing.assert_allclose(store.lookup(folder, ["b"])["b"], v[1])
+    store.write_part(folder, store.to_table(["x", "y", "z"], v, np.zeros(3, bool), TEACHER))
+    assert store.keys(folder).tolist() == sorted(text_hash(["x", "y", "z"]).tolist())
+    np.testing.assert_allclose(store.vectors_for(folder, ["y", "x"]), v[[1, 0]])
+    with pytest.raises(store.StoreError, match="1 texts have no vector"):
+        store.vectors_for(folder, ["x", "never embedded"])
     assert not list(folder.glob(".*tmp"))  # no temporary leftovers
     with pytest.raises(store.StoreError, match="holds embeddings made with teacher"):
         store.open_store(folder, TeacherConfig(pooling="last").identity())

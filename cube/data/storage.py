@@ -159,6 +159,11 @@ def _copy_tree(src_fs, src: str, dst_fs, dst: str, skip: tuple[str, ...] = ()) -
             name = info.path.rstrip("/").rsplit("/", 1)[-1]
             if name in (*DIRECT, *skip) or ".tmp" in name:
                 continue
+            if info.type == pafs.FileType.Directory:  # copy_files makes no folders on a local filesystem
+                dst_fs.create_dir(f"{dst}/{name}", recursive=True)
+                for sub in src_fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
+                    if sub.type == pafs.FileType.Directory:
+                        dst_fs.create_dir(f"{dst}/{name}/{sub.path[len(info.path.rstrip('/')) + 1:]}", recursive=True)
             pafs.copy_files(info.path, f"{dst}/{name}", source_filesystem=src_fs, destination_filesystem=dst_fs)
     except OSError as e:
         raise StorageError(f"copying {src} to {dst} failed: {e}") from None

@@ -38,10 +38,12 @@ class TeacherConfig:
                 raise ValueError(f"teacher.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
 
     def identity(self) -> dict[str, Any]:
-        """What makes two embeddings comparable. Recorded with every embedding file and checkpoint;
-        the backend and dtype are how they are computed, not what they mean, so they are left out."""
+        """Everything that changes the vectors: recorded with every embedding store and checkpoint,
+        and compared whenever vectors meet a model. The backend and dtype count: bf16 vLLM and
+        fp32 transformers vectors of one model differ, so they never share a store or a run."""
         return {"name": self.name, "pooling": self.pooling, "normalize": self.normalize,
-                "max_length": self.max_length, "quantize": self.quantize}
+                "max_length": self.max_length, "quantize": self.quantize, "backend": self.backend,
+                "dtype": self.dtype}
 
 
 class TeacherError(RuntimeError):

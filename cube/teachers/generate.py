@@ -29,9 +29,13 @@ class GeneratorConfig:
 
 
 class AnswerWriter:
-    def __init__(self, cfg: GeneratorConfig, device: str = "cpu") -> None:
+    """A chat model that answers questions. `source` says how to load it (dtype, quantisation):
+    the serving teacher's own config, so an 8B teacher is not loaded again in fp32; by default
+    the generator's name with the defaults."""
+
+    def __init__(self, cfg: GeneratorConfig, device: str = "cpu", source: TeacherConfig | None = None) -> None:
         self.cfg = cfg
-        self.model, self.tokenizer = load_hf(TeacherConfig(name=cfg.name), device, causal_lm=True)
+        self.model, self.tokenizer = load_hf(source or TeacherConfig(name=cfg.name), device, causal_lm=True)
         if not getattr(self.tokenizer, "chat_template", None):
             raise TeacherError(f"generator {cfg.name!r} has no chat template; use an instruct/chat model")
         self.tokenizer.padding_side = "left"  # decoder-only batches must end at the prompt's last token

@@ -62,7 +62,8 @@ def check_teacher(stored: dict[str, Any], expected: dict[str, Any], where: str) 
     }
     if diffs:
         detail = ", ".join(f"{k}: checkpoint={a!r} vs requested={b!r}" for k, (a, b) in sorted(diffs.items()))
-        raise CheckpointError(f"{where} was trained with a different teacher ({detail}); "
+        old = " (it predates the recording of the teacher's backend and dtype)" if "backend" not in stored else ""
+        raise CheckpointError(f"{where} was trained with a different teacher ({detail}){old}; "
                               "embed with the checkpoint's teacher settings or retrain")
 
 
