@@ -100,7 +100,8 @@ class AnswerBank:
             raise BankError(f"an answer bank needs one vector per text and at least one text, got "
                             f"{len(texts)} / {len(vecs)}")
         self.texts = texts
-        self.vectors = torch.as_tensor(np.asarray(vecs)) if not torch.is_tensor(vecs) else vecs  # (P, E)
+        # (P, E); a read-only array from Parquet is copied once, so that torch may share it
+        self.vectors = vecs if torch.is_tensor(vecs) else torch.from_numpy(np.require(vecs, requirements=["W", "C"]))
         self.a_mean = a_mean.detach().float().cpu()
         raw_norm, centred_norm = [], []
         for block in self.vectors.split(SEARCH_BLOCK):
