@@ -135,14 +135,14 @@ class LoadedRun:
 
     def info(self) -> dict[str, Any]:
         return {
-            "run": self.run.path.name,
-            "run_dir": str(self.run.path),
+            "run": self.name,
+            "run_dir": self.run_dir,
             "model_version": self.version,
             "teacher": {**self.teacher.identity(), "backend": self.teacher.backend, "dim": self.dim},
             "cube": asdict(self.model.cfg),
             "embed_dim": self.model.embed_dim,
             "checkpoint": {"epoch": self.checkpoint.get("epoch"), "val": self.checkpoint.get("val")},
-            "held_out": held_out_summary(self.run),
+            "held_out": self.held_out,
             "bank_size": len(self.bank),
             "extra_answers": self.extra_answers,
         }

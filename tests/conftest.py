@@ -44,7 +44,8 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A head node with 2 CPUs on loopback, and this process connected to it as a driver.
+    """A head node on loopback with 4 logical CPUs on these 2 cores (two for Ray Data's light stages
+    beside two training workers, as an embedded cluster has), and this process connected as a driver.
 
     Token authentication stays on (Ray's default since 2.59): a random token is given to the
     head, this driver and every `ray job submit` through RAY_AUTH_TOKEN (set above).
@@ -56,7 +57,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          # the job agent's default port may be held by another Ray on this machine (a user's own)
          f"--dashboard-agent-listen-port={agent}",
          "--object-store-memory=400000000", "--disable-usage-stats"],

@@ -17,7 +17,8 @@ import requests
 from conftest import ROOT, free_port
 
 from cube.data import store
-from cube.data.qa import text_id
+from cube.data.qa import SPLITS, text_hash
+from cube.data.rundir import RunDir
 from cube.teachers import HFTeacher, TeacherConfig
 
 pytestmark = pytest.mark.ray
@@ -35,7 +36,7 @@ def test_embedding_stage_writes_a_resumable_parquet_store(ray_cluster, tmp_path)
     texts = pd.read_json(ROOT / "tests" / "data" / "tiny.jsonl", lines=True)["question"].tolist()
     teacher = TeacherConfig()
     folder = embed_texts(texts[:5], teacher, PipelineOptions(batch_size=2), tmp_path / "store")
-    assert store.existing_ids(folder) == {text_id(t) for t in texts[:5]}
+    assert store.keys(folder).tolist() == sorted(text_hash(texts[:5]).tolist())
     first_parts = set(store.parts(folder))
     embed_texts(texts, teacher, PipelineOptions(batch_size=2), folder)  # 3 new texts only
     assert first_parts < set(store.parts(folder))
@@ -43,7 +44,7 @@ def test_embedding_stage_writes_a_resumable_parquet_store(ray_cluster, tmp_path)
     assert table.num_rows == len(texts)  # nothing embedded twice
     assert json.loads(table.schema.metadata[store.TEACHER_KEY]) == teacher.identity()
     # the vectors are the teacher's own: same as embedding in this process
-    got = store.lookup(folder, [text_id(texts[0])])[text_id(texts[0])]
+    got = store.vectors_for(folder, [texts[0]])[0]
     np.testing.assert_allclose(got, HFTeacher(teacher).embed([texts[0]]).vectors[0], atol=1e-5)
 
 
@@ -59,7 +60,7 @@ def test_training_beats_mean_answer_and_loss_falls(trained_run):
     assert per_epoch <= set(metrics.columns), per_epoch - set(metrics.columns)
     assert metrics[sorted(per_epoch)].notna().all().all()
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
-    for name in ("model/model.safetensors", "model/config.json", "last/config.json", "split.parquet",
+    for name in ("model/model.safetensors", "model/config.json", "last/config.json", "split.json", "bank.json",
                  "config.yaml", "eval.json", "curves.png"):
         assert (run / name).is_file(), name
     assert json.loads((run / "model" / "config.json").read_text())["teacher"]["name"] == "minilm"
@@ -72,8 +73,8 @@ def test_eval_json_shape(trained_run):
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["pool_size"] == report["n_questions"] > 40
-    keys = {"cos", "recall@1", "recall@5", "mrr"}
-    assert set(report["cube"]) == keys
+    keys = {"cos", "recall@1", "recall@5", "mrr", "nonfinite"}
+    assert set(report["cube"]) == keys and report["cube"]["nonfinite"] == 0
     assert {"identity", "mean_answer", "ridge", "mlp"} <= set(report["baselines"])
     assert all(keys <= set(m) for m in report["baselines"].values())
     assert "mrr_std" in report["baselines"]["mlp_centred"]  # stochastic: the mean over seeds
@@ -97,14 +98,19 @@ def test_serve_answers_over_http(trained_run):
     url = start(run, port=free_port())
     try:
         health = requests.get(f"{url}/healthz", timeout=30)
-        corpus = pd.read_parquet(run / "split.parquet")
+        corpus = pd.concat([RunDir(run).split().table(s, ["answer", "a_vec"]).to_pandas() for s in SPLITS])
         assert health.status_code == 200 and health.json()["bank_size"] == corpus["answer"].nunique()  # every split
-        all_answers = set(corpus["answer"])
         r = requests.post(f"{url}/v1/answer", json={"question": "Why is the sky blue?"}, timeout=60)
         assert r.status_code == 200
         body = r.json()
-        assert body["answer"] in all_answers and -1.0 <= body["score"] <= 1.0
         assert "scatter" in body["answer"].lower()  # a sensible answer, not just any bank entry
+        # the score is the cosine between the cube's prediction and that answer, in the centred space
+        pred = np.array(requests.post(f"{url}/v1/predict", json={"question": "Why is the sky blue?"},
+                                      timeout=60).json()["vector"])
+        chosen = corpus.loc[corpus["answer"] == body["answer"], "a_vec"].iloc[0]
+        answer = np.array(chosen) - RunDir(run).moments().a_mean
+        cos = pred @ answer / np.linalg.norm(pred) / np.linalg.norm(answer)
+        assert abs(body["score"] - cos) < 1e-4, (body["score"], cos)
         for bad in ({"question": ""}, {"question": "   "}, {"question": 42}, {}):
             r = requests.post(f"{url}/v1/answer", json=bad, timeout=30)
             assert r.status_code == 422, (bad, r.status_code)
