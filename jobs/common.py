@@ -40,15 +40,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def user_error_in(
     error: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]
 ) -> BaseException | None:
-    """The first error of `kinds` in the chain of causes of `error` (Ray wraps a worker's error
-    in its own, often twice), or None."""
+    """The first error of `kinds` among `error`, its causes and, for Ray Train's WorkerGroupError,
+    its workers' errors (Ray wraps a worker's error in its own, often twice), or None."""
     seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
         seen.add(id(e))
         if isinstance(e, kinds):
             return e
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+        todo += [c for c in (getattr(e, "cause", None), e.__cause__, e.__context__) if isinstance(c, BaseException)]
+        todo += [w for w in (getattr(e, "worker_failures", None) or {}).values() if isinstance(w, BaseException)]
     return None
 
 

@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from cube.data import store
@@ -160,3 +161,29 @@ def test_importances_use_only_trials_that_ran_their_budget():
     assert importances(table, space)  # eight comparable trials are enough
     table.loc[:, "status"] = ["finished"] * 3 + ["stopped early"] * 13
     assert importances(table, space) == {}  # three are not: stopped trials are never counted
+
+
+@pytest.mark.parametrize("rows, dim", [(1_000, 384), (2_000_000, 4096)])
+def test_train_loop_config_carries_settings_never_data(tmp_path, rows, dim):
+    """What every Ray Train worker unpickles stays under 1 MB at any data size: the shard
+    streams in through Ray Data, and rank 0 reads its validation sample itself."""
+    import pickle
+
+    from cube.config import save_config, to_dict
+    from cube.data.rundir import RunDir, write_json
+    from cube.data.split import Moments
+    from cube.job_config import TrainConfig
+    from jobs.trainer import loop_config
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    cfg = TrainConfig()
+    save_config(cfg, run.path / "config.yaml")
+    write_json(run.path / "teacher.json", {**to_dict(cfg.teacher), "dim": dim})
+    means = np.random.default_rng(0).normal(size=dim)
+    run.write_split_info(str(run.path / "split"), {"train": rows, "val": rows // 10, "test": rows // 10},
+                         Moments(rows, means, means))
+    config = loop_config(run, cfg)
+    assert len(pickle.dumps(config)) < 2**20
+    assert config["steps_per_epoch"] == rows // cfg.workers // cfg.optim.batch_size
+    assert not any(isinstance(v, (np.ndarray, torch.Tensor)) for v in config.values())

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pandas as pd
 import pytest
 import requests
 import yaml
@@ -17,6 +16,7 @@ from conftest import BIN, ROOT, free_port, submit_job
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cube.data import store
+from cube.data.rundir import RunDir
 
 pytestmark = pytest.mark.ray
 
@@ -41,15 +41,14 @@ def job_run(ray_cluster, job_env, qa_sample, tmp_path_factory):
 
 
 def test_train_job_succeeds_and_writes_a_run(job_run):
-    for name in ("model/model.safetensors", "eval.json", "metrics.csv", "curves.png", "split.parquet"):
+    for name in ("model/model.safetensors", "eval.json", "metrics.csv", "curves.png", "split.json", "bank.json"):
         assert (job_run / name).is_file(), name
 
 
 def test_eval_and_analyze_jobs_on_that_run(ray_cluster, job_env, job_run):
     proc = submit(ray_cluster, job_env, "jobs.eval", "--run", str(job_run), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    split = pd.read_parquet(job_run / "split.parquet")
-    pool = split.loc[split["split"] == "test", "answer"].nunique()
+    pool = len(set(RunDir(job_run).split().table("test", ["answer"]).column("answer").to_pylist()))
     assert f'"pool_size": {pool}' in proc.stdout
     proc = submit(ray_cluster, job_env, "jobs.analyze", "--run", str(job_run), "--damage-trials", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -55,7 +55,15 @@ def test_all_cells_share_one_rule():
     model = CellularCube(CubeConfig(), embed_dim=384)
     rule_params = count_parameters(model.rule)
     assert rule_params < 20_000  # one small rule, not one per cell (2,475 cells)
-    assert all(p.dim() == 5 or p.dim() == 1 for p in model.rule.parameters())
+    # One rule for every cell means the update commutes with a shift of the lattice (away from its
+    # borders): a per-cell rule would not.
+    torch.manual_seed(0)
+    for p in model.rule.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(1, 8, 6, 9, 9)
+    with torch.no_grad():
+        shifted = model.rule(x.roll(1, dims=3))
+        torch.testing.assert_close(shifted[..., 2:-2, 2:-2], model.rule(x).roll(1, dims=3)[..., 2:-2, 2:-2])
 
 
 def test_gradient_reaches_the_rule_through_the_lattice():

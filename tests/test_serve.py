@@ -26,6 +26,9 @@ import requests
 import yaml
 from conftest import ROOT, free_port
 
+from cube.data.qa import SPLITS
+from cube.data.rundir import RunDir
+
 QUESTION = "Why is the sky blue?"
 EXTRA = "Zebras have stripes because the pattern confuses biting horseflies, which fail to land on striped surfaces."
 # The shared deployment: two embedder replicas (one is killed under load), everything small.
@@ -78,8 +81,13 @@ def test_lattice_activity_is_one_grid_per_depth_layer():
     from cube.model import CellularCube, CubeConfig
 
     model = CellularCube(CubeConfig(width=5, height=4, depth=3, channels=4, io_channels=2, steps=3), embed_dim=8)
-    layers = lattice_activity(model, torch.randn(8).numpy())
-    assert layers.shape == (3, 4, 5) and (layers >= 0).all() and layers[0].max() > 0
+    q = torch.randn(8)
+    layers = lattice_activity(model, q.numpy())
+    assert layers.shape == (3, 4, 5)
+    with torch.no_grad():  # mean |state| over channels, layer by layer, of the lattice run by hand
+        state = model.eval().run_lattice(model.encode_face(q[None] - model.q_mean))[0][0]
+    np.testing.assert_allclose(layers, state.abs().mean(0).numpy(), rtol=1e-6)
+    assert not np.allclose(layers, lattice_activity(model, torch.randn(8).numpy()))
 
 
 # ---------------------------------------------------------------- the shared deployment
@@ -101,7 +109,7 @@ def served(ray_cluster, smoke_run, tmp_path_factory):
     from jobs.serve import start, stop
 
     run, _ = smoke_run
-    corpus = pd.read_parquet(run / "split.parquet")
+    corpus = pd.concat([RunDir(run).split().table(s, ["question", "answer"]).to_pandas() for s in SPLITS])
     answers = tmp_path_factory.mktemp("answers") / "extra.jsonl"
     answers.write_text("\n".join(json.dumps({"answer": a}) for a in (EXTRA, corpus["answer"].iloc[0])) + "\n")
     t0 = time.time()
@@ -140,6 +148,7 @@ def test_endpoints(served):
     assert model["run"] == served.run.name and model["teacher"]["name"] == "minilm"
     assert model["cube"]["depth"] == 4 and model["bank_size"] == health["bank_size"] and model["extra_answers"] == 1
     assert model["held_out"]["cube"]["mrr"] > 0 and model["held_out"]["pool_size"] > 0
+    assert model["generation"]["available"] is False and "not a causal language model" in model["generation"]["reason"]
 
     compare = served.post("/v1/compare", {"question": QUESTION}).json()
     assert "scatter" in compare["cube"]["answer"].lower() and compare["cube"]["ms"] > 0

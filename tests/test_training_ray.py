@@ -68,3 +68,78 @@ def test_resume_after_the_driver_is_killed(ray_cluster, qa_sample, tmp_path, und
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already finished" in again.stderr
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2, 3, 4]
+
+
+def test_the_lattice_off_ablation_trains_under_ddp(ray_cluster, qa_sample, tmp_path):
+    """Two gloo workers, cube.lattice=false: the frozen rule gets no gradient and DDP must not
+    wait for one. It trains to a finite report, and the rule is exactly as it was built."""
+    import torch
+
+    from cube.config import load_config
+    from cube.job_config import TrainConfig
+    from cube.train.checkpoint import load_checkpoint
+    from cube.train.loop import build_model
+    from jobs.trainer import train
+
+    cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", ["cube.lattice=false", "optim.epochs=2"])
+    report = train(qa_sample, tmp_path / "run", cfg)
+    assert report["cube"]["nonfinite"] == 0 and report["cube"]["mrr"] > report["baselines"]["mean_answer"]["mrr"]
+    model, _ = load_checkpoint(tmp_path / "run" / "model")
+    fresh = build_model(cfg.cube, model.q_mean, model.a_mean, seed=cfg.seed)
+    for (name, p), q in zip(model.rule.named_parameters(), fresh.rule.parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(model.decoder.weight, fresh.decoder.weight)  # while the adapters trained
+
+
+def test_an_absurd_learning_rate_stops_with_one_line_and_claims_nothing(ray_cluster, qa_sample, tmp_path):
+    cmd = [sys.executable, "-m", "jobs.cli", "train", "--data", str(qa_sample), "--output", str(tmp_path / "run"),
+           "--config", "configs/smoke.yaml", "--set", "optim.lr=1000000", "--set", "optim.max_lr=1000000",
+           "--set", "optim.grad_clip=0", "--set", "max_failures=0", "--set", "workers=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged at epoch") and "Lower optim.lr" in last, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "beats" not in proc.stdout
+    logged = last.split("(traceback in ")[1].rstrip(")")
+    assert "DivergenceError" in open(logged).read()  # the whole story is in the log
+    assert not (tmp_path / "run" / "eval.json").exists() and not (tmp_path / "run" / "model").exists()
+
+
+def test_bring_your_own_embeddings_round_trip(ray_cluster, qa_sample, tmp_path):
+    """A Parquet file that carries its vectors trains without any teacher embedding it; the
+    teacher named in the config then embeds new questions for `cube eval --data`, and one whose
+    dimension does not match is a clear error."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cube.config import load_config
+    from cube.data.rundir import RunDir
+    from cube.job_config import TrainConfig
+    from cube.teachers import HFTeacher, TeacherConfig
+    from jobs.eval import held_out_file
+    from jobs.trainer import train
+
+    pairs = pd.read_json(qa_sample, lines=True)
+    teacher = HFTeacher(TeacherConfig())
+    q, a = teacher.embed(pairs["question"].tolist()).vectors, teacher.embed(pairs["answer"].tolist()).vectors
+
+    def byo(path, qv, av):
+        col = lambda v: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])  # noqa: E731
+        pq.write_table(pa.table({"question": pairs["question"], "answer": pairs["answer"],
+                                 "question_embedding": col(qv), "answer_embedding": col(av)}), path)
+
+    byo(tmp_path / "mine.parquet", q, a)
+    cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", ["optim.epochs=2", "workers=1"])
+    report = train(tmp_path / "mine.parquet", tmp_path / "run", cfg)
+    assert report["cube"]["mrr"] > report["baselines"]["mean_answer"]["mrr"] + 0.3
+    tiny = held_out_file(RunDir(tmp_path / "run"), ROOT / "tests" / "data" / "tiny.jsonl")
+    assert tiny.q.shape[1] == 384
+
+    rng = np.random.default_rng(0)
+    byo(tmp_path / "small.parquet", rng.normal(size=(len(pairs), 8)).astype(np.float32),
+        rng.normal(size=(len(pairs), 8)).astype(np.float32))
+    train(tmp_path / "small.parquet", tmp_path / "run8", load_config(
+        TrainConfig, ROOT / "configs" / "smoke.yaml", ["optim.epochs=1", "workers=1", "baselines=identity"]))
+    with pytest.raises(Exception, match="makes 384-D vectors, but run .* was trained on 8-D ones"):
+        held_out_file(RunDir(tmp_path / "run8"), ROOT / "tests" / "data" / "tiny.jsonl")

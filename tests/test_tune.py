@@ -54,7 +54,7 @@ def test_sweep_records_every_trial_with_its_status_and_writes_the_report(sweep):
     errored = table[table["status"] == "errored"]
     assert len(errored) >= 1 and errored["error"].str.contains("would never reach the back face").all()
     done = table[table["status"] != "errored"]
-    assert len(done) >= 1 and done["val_mrr"].between(0, 1).all() and (done["params"] > 0).all()
+    assert len(done) >= 1 and (done["val_mrr"] > 0.3).all() and (done["params"] > 0).all()  # chance is ~0.1
     assert (done["latency_ms"] > 0).all() and (done["best_epoch"] <= done["epochs_run"]).all()
     assert table["val_mrr"].dropna().is_monotonic_decreasing  # sorted by validation MRR
     for name in ("results.md", "pareto.png", "importance.png", "history.png", "robustness.json"):
