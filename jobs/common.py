@@ -137,6 +137,28 @@ def route_ray_logs() -> None:
         logger.setLevel(logging.INFO)
 
 
+def route_raylet_messages() -> None:
+    """Ray's driver prints what the raylet pushes to it (such as its notice that many worker
+    processes have started, which is normal where light stages take fractions of a CPU) straight
+    to the terminal, past every logging setting. Send those lines to the job's log instead, and
+    to the console only with -v."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "routed_by_cube", False):
+        return
+
+    def routed(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet" and not _verbose:
+            for line in data.get("lines", []):
+                logging.getLogger("ray").warning("(raylet) %s", line)
+            return
+        original(data, ignore_prefix)
+
+    routed.routed_by_cube = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = routed
+
+
 def quiet_ray_data() -> None:
     """One Ray Data progress bar per pipeline (not one per operator), and no plan printout."""
     from ray.data import DataContext
@@ -180,6 +202,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **quiet)
         _embedded = True
     route_ray_logs()
+    route_raylet_messages()
     return _embedded
 
 

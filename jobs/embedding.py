@@ -38,7 +38,7 @@ log = logging.getLogger("cube.embed")
 # of one CPU per task they would wait behind the teacher actors. The skip filter is an actor that
 # idles between batches, so it reserves none. Ray Data's Parquet file listing still asks for a
 # whole CPU and takes no options: see check_room_for_listing.
-LIGHT = {"num_cpus": 0.1}
+LIGHT = {"num_cpus": 0.25}
 IDLE_ACTOR = {"num_cpus": 0}
 # max_restarts=0 on our actors: with restarts on, Ray's core worker prints an error line about
 # constructor arguments in the object store on every run. Nothing is lost without them: a dead
@@ -252,18 +252,18 @@ class Progress:
             self.last = now
             log.info(self.line(now))
 
-    def line(self, now: float) -> str:
+    def line(self, now: float, final: bool = False) -> str:
         rate = self.done / max(now - self.start, 1e-9)
-        text = f"{self.verb} {self.done:,}" + (f" / {self.total:,}" if self.total else "") + f" {self.unit}"
-        text += f" ({rate:,.1f} {self.unit}/s"
-        if self.total and rate > 0:
+        text = f"{self.verb} {self.done:,}" + (f" / {self.total:,}" if self.total and not final else "")
+        text += f" {self.unit}" + (f" in {now - self.start:.0f} s" if final else "") + f" ({rate:,.1f} {self.unit}/s"
+        if self.total and rate > 0 and not final:
             left = max(self.total - self.done, 0) / rate
             text += f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
         return text + ")"
 
     def close(self) -> None:
         if self.done:
-            log.info(self.line(time.monotonic()).replace(" (", " in total (", 1))
+            log.info(self.line(time.monotonic(), final=True))
 
 
 def embed_texts(

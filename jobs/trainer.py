@@ -196,7 +196,7 @@ def trainer_for(run: RunDir, cfg: TrainConfig, storage: str, callbacks: list | N
     quiet_ray_data()
     fs, path = filesystem(config["split_root"])
     train = ray.data.read_parquet(f"{path}/split=train", filesystem=fs, columns=["q_vec", "a_vec"],
-                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed), num_cpus=0.1)
+                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed), num_cpus=0.25)
     return TorchTrainer(
         train_worker, train_loop_config=config, datasets={"train": train},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
