@@ -30,15 +30,17 @@ without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from cube.data.cache import cache_root
 from jobs.common import run_main
@@ -82,62 +84,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _process(pid: int) -> psutil.Process | None:
+    """The live process `pid` (None if it is gone or a zombie: it has exited)."""
+    try:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except psutil.NoSuchProcess:
+        return None
+
+
 def alive(pid: int) -> bool:
     """Whether `pid` is still a `ray start` process (a recycled pid is not ours)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    proc = _process(pid)
+    if proc is None:
         return False
-    except PermissionError:
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return b"start" in args and any(a.endswith(b"ray") for a in args)
-    return True  # no /proc (macOS): trust the pid
-
-
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(ppid, pgid) of a process, from /proc; None if it is gone (or a zombie: it has exited)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ", which may hold spaces
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[1]), int(fields[2])
+        args = proc.cmdline()
+    except psutil.AccessDenied:
+        return True
+    except psutil.NoSuchProcess:
+        return False
+    return "start" in args and any(a.endswith("ray") for a in args)
 
 
 def node_processes(pid: int) -> list[int]:
     """Every live process of the node whose `ray start --block` is `pid`: its process group
     (the GCS, raylet, dashboard, agents) and the descendants of those (Ray workers and actors,
-    which run in process groups of their own). Linux; elsewhere just the leader if it is alive."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return [pid] if alive(pid) else []
-    info = {int(e.name): st for e in proc.iterdir() if e.name.isdigit() and (st := _stat(int(e.name)))}
-    found = {p for p, (_, pgid) in info.items() if pgid == pid}
+    which run in process groups of their own)."""
+    group = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(proc.pid) == pid and proc.status() != psutil.STATUS_ZOMBIE:
+                group.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     if not alive(pid):
         # The leader is gone, and its pid may since lead another process group: keep only the
         # group's Ray processes, and do not follow their children.
-        return sorted(p for p in found if _is_ray(p))
-    grew = True
-    while grew:
-        more = {p for p, (ppid, _) in info.items() if ppid in found and p not in found}
-        found |= more
-        grew = bool(more)
+        return sorted(p.pid for p in group if "ray" in " ".join(p.info["cmdline"] or []))
+    found = {p.pid for p in group}
+    for proc in group:
+        try:
+            found |= {c.pid for c in proc.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE}
+        except psutil.NoSuchProcess:
+            continue
     return sorted(found)
-
-
-def _is_ray(pid: int) -> bool:
-    try:
-        return b"ray" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def read_state(state: Path) -> dict | None:
@@ -227,25 +218,16 @@ def wait_started(node: dict, timeout: float, watch: list[dict] = (), settle: flo
 def stop_nodes(pids: list[int], timeout: float) -> None:
     """SIGTERM each node's `ray start --block` (which then stops its own Ray processes), wait up
     to `timeout` for all of the nodes' processes to end, then SIGKILL whatever is left of them."""
-    procs = {p for pid in pids for p in node_processes(pid)}
+    procs = [proc for pid in pids for p in node_processes(pid) if (proc := _process(p)) is not None]
     for pid in pids:
         if alive(pid):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_stat(p) for p in procs):
-        time.sleep(0.25)
-    for p in procs:
-        if _stat(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 10  # SIGKILL is not instant either
-    while time.monotonic() < deadline and any(_stat(p) for p in procs):
-        time.sleep(0.1)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).terminate()
+    _, left = psutil.wait_procs(procs, timeout=timeout)
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(left, timeout=10)  # SIGKILL is not instant either
 
 
 def node_temp_dir(port: int, name: str) -> Path:

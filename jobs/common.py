@@ -236,34 +236,44 @@ def describe_nodes(nodes: list[dict[str, float]]) -> str:
     )
 
 
-def require_resources(bundles: list[dict[str, float]], what: str, wait_s: float = 0.0) -> None:
-    """Fail at once when the cluster cannot hold `bundles`, instead of letting Ray wait forever.
+READY_S = 15.0  # how long a placement group the cluster can hold may take to be placed
 
-    On an embedded cluster nothing can join, so it never waits; elsewhere it waits up to
-    `wait_s` for nodes to join (an autoscaling cluster), then fails.
+
+def require_resources(bundles: list[dict[str, float]], what: str, wait_s: float = 0.0) -> None:
+    """Fail at once when the cluster cannot hold `bundles` now, instead of letting Ray wait forever.
+
+    Asks Ray itself: a placement group of the bundles (each on one node, as a Train worker or a
+    Tune trial sits), removed as soon as it is placed. That counts what is free, not the nodes'
+    totals, and a pending group is what an autoscaler (`ray up`, KubeRay) starts nodes for. On an
+    embedded cluster nothing can join, so it waits only the moment a placement takes; elsewhere
+    up to `wait_s` for nodes to join or free up.
 
     Raises:
         ResourceError: naming what was asked and what each node has.
     """
-    bundles = [{k: v for k, v in b.items() if v} for b in bundles]
-    deadline = time.monotonic() + (0.0 if _embedded else wait_s)
-    if not fits(bundles, node_resources()) and not _embedded and wait_s > 0:
-        from ray.autoscaler.sdk import request_resources
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-        request_resources(bundles=bundles)  # an autoscaler (ray up, KubeRay) starts nodes for them now
-    while True:
-        nodes = node_resources()
-        if fits(bundles, nodes):
-            return
-        if time.monotonic() >= deadline:
-            break
-        log.info("waiting up to %.0f s for nodes that can hold %s", deadline - time.monotonic(), what)
-        time.sleep(5.0)
-    asked = f"{len(bundles)} x {bundles[0]}" if bundles and all(b == bundles[0] for b in bundles) else str(bundles)
+    bundles = [{k: v for k, v in b.items() if v} for b in bundles]
+    wait = READY_S if _embedded else max(wait_s, READY_S)
+    if wait > READY_S:
+        log.info("waiting up to %.0f s for the cluster to hold %s", wait, what)
+    group = placement_group(bundles, strategy="PACK")
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=wait)
+    finally:
+        remove_placement_group(group)
+    if ready:
+        return
+    counts: dict[str, int] = {}
+    for b in bundles:
+        counts[str(b)] = counts.get(str(b), 0) + 1
+    asked = " + ".join(f"{n} x {b}" for b, n in counts.items())
     hint = "" if _embedded or wait_s else " (on an autoscaling cluster, set wait_for_resources_s to wait for nodes)"
     raise ResourceError(
-        f"{what} needs {asked}, but the Ray cluster has {describe_nodes(nodes)}; ask for fewer workers or "
-        f"GPUs, or add nodes{hint}"
+        f"{what} needs {asked}, but the Ray cluster cannot place that now (its nodes: "
+        f"{describe_nodes(node_resources())}; busy ones count as full); ask for fewer workers or GPUs, wait for "
+        f"other jobs, or add nodes{hint}"
     )
 
 

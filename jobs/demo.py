@@ -30,6 +30,8 @@ from jobs.common import add_config_flags, config_from_args, ensure_ray, run_main
 from jobs.serve import start, stop
 from jobs.trainer import train
 
+LAPTOP_SERVE = Path(__file__).resolve().parent.parent / "configs" / "serve_laptop.yaml"  # a quarter CPU a replica
+
 log = logging.getLogger("cube.demo")
 MARKER = ".cube-demo"  # only folders the demo made itself are ever replaced
 DEMO_OVERRIDES = ["optim.epochs=5"]  # under the user's --set, which win
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     test = RunDir(out).split().table("test", ["question", "answer"]).to_pandas()
     test = test.sort_values("question", ignore_index=True)  # the same picks whatever order Ray Data wrote
     picks = test.iloc[[0, len(test) // 2, len(test) - 1]]
-    url = start(out, port=args.port)
+    url = start(out, port=args.port, config=LAPTOP_SERVE)
     try:
         replies = ask(url, picks["question"].tolist())
     finally:

@@ -31,7 +31,7 @@ from cube.data.qa import Source, text_hash
 from cube.job_config import EmbedConfig, PipelineOptions
 from cube.teachers import TeacherConfig, load_teacher
 from cube.teachers.generate import AnswerWriter, GeneratorConfig
-from jobs.common import describe_nodes, ensure_ray, fits, node_resources, quiet_ray_data
+from jobs.common import ResourceError, ensure_ray, quiet_ray_data, require_resources
 
 log = logging.getLogger("cube.embed")
 # The light stages (read, distinct texts, writes) take a sliver of a CPU each: with Ray's default
@@ -164,11 +164,12 @@ def check_room_for_listing(opts: PipelineOptions) -> None:
     Raises:
         ValueError: naming the settings to change.
     """
-    actor, nodes = {"CPU": opts.cpus_per_actor, "GPU": opts.num_gpus}, node_resources()
-    if not fits([actor] * opts.concurrency + [{"CPU": 1.0}], nodes):
-        raise ValueError(f"{opts.concurrency} teacher actors x {opts.cpus_per_actor:g} CPU leave no node with the one "
-                         f"free CPU that Ray Data needs to list a Parquet file ({describe_nodes(nodes)}); "
-                         "lower pipeline.concurrency or pipeline.cpus_per_actor")
+    actor = {"CPU": opts.cpus_per_actor, "GPU": opts.num_gpus}
+    try:
+        require_resources([actor] * opts.concurrency + [{"CPU": 1.0}], f"{opts.concurrency} teacher actors and "
+                          "the one free CPU that Ray Data needs to list a Parquet file")
+    except ResourceError as e:
+        raise ValueError(f"{e}; lower pipeline.concurrency or pipeline.cpus_per_actor") from None
 
 
 def read_source(source: Source, columns: list[str], opts: PipelineOptions | None = None, include_paths: bool = False):

@@ -17,6 +17,8 @@ Everything a Ray worker runs lives here, in an importable module; `cube tune` is
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -24,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
 import torch
 import yaml
@@ -177,7 +180,6 @@ class BudgetAwareOptuna(OptunaSearch):
 
 
 def build_tuner(sweep: RunDir, settings: TuneConfig, space: list[Param], storage: str, callbacks: list | None = None):
-    import optuna
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
@@ -222,6 +224,11 @@ def run_sweep(sweep: RunDir, settings: TuneConfig, space: list[Param], resume: b
     require_resources([per_trial] * max(1, settings.workers_per_trial), "one trial",
                       sweep.config(TrainConfig).wait_for_resources_s)
     path = f"{storage}/{EXPERIMENT}"
+    # Optuna's and Tune's own lines (a study created in memory, Tune's configuration box, a
+    # TensorBoard hint into Ray's session folder) go to the sweep's log, as Ray's logs do; the
+    # console keeps our progress bar and report.
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
     if resume and tune.Tuner.can_restore(path):
         log.info("resuming the sweep in %s (finished trials are kept, unfinished ones continue)", path)
         tuner = tune.Tuner.restore(path, trainable=trainable(sweep, settings), resume_unfinished=True,
@@ -229,7 +236,22 @@ def run_sweep(sweep: RunDir, settings: TuneConfig, space: list[Param], resume: b
                                    param_space={p.key: p.to_tune() for p in space})
     else:
         tuner = build_tuner(sweep, settings, space, storage, callbacks)
-    return tuner.fit()
+    with contextlib.redirect_stdout(LogLines(logging.getLogger("ray.tune"))):
+        return tuner.fit()
+
+
+class LogLines(io.TextIOBase):
+    """A text stream whose lines go to a logger (at INFO), for libraries that print."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.pending = logger, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if line.strip():
+                self.logger.info(line)
+        return len(text)
 
 
 class TrialProgress(tune.Callback):

@@ -254,9 +254,7 @@ def fit_run(run: RunDir, cfg: TrainConfig, storage: str) -> None:
     """Run (or resume) training, then publish the best and last checkpoints into the run folder."""
     from jobs.metrics_log import MetricsLog
 
-    # One CPU beside the workers: Ray Data lists and reads the split's files for them.
-    require_resources([worker_resources(cfg)] * cfg.workers + [{"CPU": 1.0}],
-                      f"training with {cfg.workers} workers and Ray Data's reader", cfg.wait_for_resources_s)
+    check_resources(cfg)
     with EpochBar(run.path / "metrics.csv", cfg.optim.epochs):
         try:
             result = trainer_for(run, cfg, storage, callbacks=[MetricsLog(str(run.path))]).fit()
@@ -270,6 +268,13 @@ def fit_run(run: RunDir, cfg: TrainConfig, storage: str) -> None:
         with src.as_directory() as d:
             publish(d, run.path / dst)
     log.info("best checkpoint (val MRR %.3f) → %s", load_checkpoint(run.path / "model")[1]["val"]["mrr"], run.model_dir)
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """The workers, and one CPU beside them for Ray Data, which lists and reads the split's files
+    for them: refused before any work starts when the cluster cannot hold them."""
+    require_resources([worker_resources(cfg)] * cfg.workers + [{"CPU": 1.0}],
+                      f"training with {cfg.workers} workers (and Ray Data's reader)", cfg.wait_for_resources_s)
 
 
 def write_bank(run: RunDir, storage: Storage) -> None:
@@ -310,6 +315,8 @@ def train(data_path: str | Path | None, target: str | Path, cfg: TrainConfig | N
             raise RunError(f"{store} already holds a run; pass --resume {store} to continue it, "
                            "or choose another --output")
         store.reset()
+        ensure_ray()
+        check_resources(cfg)  # before the data is read, embedded and split
         try:
             prepare_run(run, store, cfg, str(data_path))
         except BaseException:

@@ -22,9 +22,9 @@ import yaml
 
 from cube.config import apply_overrides, from_dict, to_dict
 
-# Fractional CPUs: a replica takes 1 CPU by default, and four deployments would never start on a
-# 2-core machine. At 0.25 each the whole app (one replica apiece) holds 1 CPU.
-REPLICA_CPUS = 0.25
+# A whole CPU a replica, sized for a real node. On a laptop, configs/serve_laptop.yaml gives each
+# a quarter (the four deployments in one CPU); `cube demo` and the tests use it.
+REPLICA_CPUS = 1.0
 
 
 @dataclass(frozen=True)

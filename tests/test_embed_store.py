@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 from cube.data import store
-from cube.data.qa import SHIPPED_DATASET, load_qa, text_id
+from cube.data.qa import SHIPPED_DATASET, load_qa, text_hash
 
 pytestmark = pytest.mark.ray
 
@@ -30,7 +30,7 @@ def test_kill_mid_run_then_resume_embeds_only_the_rest(ray_cluster, tmp_path):
     data = tmp_path / "big.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "store"
-    expected = {text_id(r[c]) for r in rows for c in ("question", "answer")}
+    expected = set(text_hash([r[c] for r in rows for c in ("question", "answer")]).tolist())
     proc = subprocess.Popen(cube_cmd("embed", str(data), "--output", str(out), "--batch-size", "16"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -40,16 +40,15 @@ def test_kill_mid_run_then_resume_embeds_only_the_rest(ray_cluster, tmp_path):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = store.existing_ids(out)
+    done = set(store.keys(out).tolist())
     assert 0 < len(done) < len(expected)
     before = {p: p.stat().st_mtime_ns for p in store.parts(out)}
 
     result = subprocess.run(cube_cmd("embed", str(data), "--output", str(out), "--batch-size", "64"), cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    table = store.read_all(out, columns=["id"])
-    ids = table.column("id").to_pylist()
-    assert set(ids) == expected and len(ids) == len(expected)  # complete, nothing embedded twice
+    keys = store.read_all(out, columns=["key"]).column("key").to_pylist()
+    assert set(keys) == expected and len(keys) == len(expected)  # complete, nothing embedded twice
     assert f"({len(expected) - len(done)} embedded now)" in result.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished parts untouched
 
@@ -66,8 +65,8 @@ def test_generate_answers_for_a_question_only_file(ray_cluster, tmp_path):
     paris = qa[qa["question"].str.contains("France")]["answer"].iloc[0]
     assert "paris" in paris.lower(), paris
     assert (qa["answer"].str.len() > 10).all()
-    ids = set(store.read_all(out, columns=["id"]).column("id").to_pylist())
-    assert {text_id(t) for t in qa["question"]} | {text_id(t) for t in qa["answer"]} == ids
+    keys = set(store.keys(out).tolist())
+    assert set(text_hash(qa["question"]).tolist()) | set(text_hash(qa["answer"]).tolist()) == keys
 
 
 def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path):

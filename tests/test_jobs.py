@@ -139,9 +139,10 @@ def test_asking_for_gpus_the_cluster_lacks_fails_at_once(ray_cluster, job_run, t
         timeout=300,
     )
     assert proc.returncode == 1
-    assert "training with 2 workers needs 2 x {'CPU': 1.0, 'GPU': 1.0}" in proc.stderr and "GPU 0" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert time.time() - start < 90  # it does not wait for GPUs that cannot come
+    assert "training with 2 workers (and Ray Data's reader) needs 2 x {'CPU': 1.0, 'GPU': 1.0}" in proc.stderr
+    assert "GPU 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "g" / "split").exists()  # refused before the data was read
+    assert time.time() - start < 60  # it does not wait for GPUs that cannot come
 
 
 def test_serve_deploy_with_the_shipped_config(ray_cluster, job_run, tmp_path):
@@ -149,6 +150,7 @@ def test_serve_deploy_with_the_shipped_config(ray_cluster, job_run, tmp_path):
     port = free_port()
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["run_dir"] = str(job_run)
+    config["applications"][0]["args"]["config"] = str(ROOT / "configs" / "serve_laptop.yaml")  # 4 replicas, 1 CPU
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = [str(BIN / "serve")]

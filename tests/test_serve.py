@@ -42,15 +42,18 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 # ---------------------------------------------------------------- no Ray
 
 
-def test_settings_defaults_fit_two_cores_and_reject_unknown_keys(tmp_path):
+def test_settings_defaults_fit_a_node_the_laptop_file_two_cores_and_unknown_keys_fail(tmp_path):
     from serve.settings import DEPLOYMENTS, ServeConfig, load_settings
 
-    cfg = ServeConfig()
-    assert sum(getattr(cfg, s).num_cpus * getattr(cfg, s).num_replicas for s in DEPLOYMENTS.values()) <= 1.0
+    def cpus(cfg: ServeConfig) -> float:
+        return sum(getattr(cfg, s).num_cpus * getattr(cfg, s).num_replicas for s in DEPLOYMENTS.values())
+
+    assert cpus(ServeConfig()) == 4.0  # a whole CPU a replica on a real node
+    assert cpus(load_settings(ROOT / "configs" / "serve_laptop.yaml")) == 1.0  # the app in one CPU of a laptop
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump({"embedder": {"max_batch_size": 8}, "limits": {"max_top_k": 5}}))
     loaded = load_settings(path, {"generator": {"num_cpus": 0.1}}, ["limits.request_timeout_s=3"])
-    assert loaded.embedder.max_batch_size == 8 and loaded.embedder.num_cpus == 0.25
+    assert loaded.embedder.max_batch_size == 8 and loaded.embedder.num_cpus == 1.0
     assert loaded.generator.num_cpus == 0.1 and loaded.generator.max_queued_requests == 8  # section defaults kept
     assert loaded.limits.max_top_k == 5 and loaded.limits.request_timeout_s == 3.0
     with pytest.raises(ValueError, match="api.bogus"):

@@ -390,8 +390,3 @@ def split_pairs(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
              np.zeros(len(df), np.uint16), np.arange(1, len(df) + 1, dtype=np.uint32), ["frame"])
     plan = plan_splits(s, cfg)
     return df.assign(split=np.asarray(SPLITS)[plan.split_of(s.q_hash)])
-
-
-def text_id(text: str) -> str:
-    """Stable id of a text: the embedding store's key."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
