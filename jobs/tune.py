@@ -82,7 +82,7 @@ def tune_config(args: argparse.Namespace) -> TuneConfig:
 def start(args: argparse.Namespace, store: Storage) -> tuple[RunDir, TuneConfig, list[Path]]:
     """Check everything, then embed once and write the sweep folder's inputs."""
     from jobs.sweep import write_settings
-    from jobs.trainer import prepare_run
+    from jobs.trainer import prepare_run, write_bank
 
     if not (args.data and args.output and args.space):
         raise SystemExit("cube tune: --data, --output and at least one --space are required (or --resume SWEEP_DIR)")
@@ -100,6 +100,7 @@ def start(args: argparse.Namespace, store: Storage) -> tuple[RunDir, TuneConfig,
     sweep = RunDir(store.local)
     try:
         prepare_run(sweep, store, cfg, str(args.data))
+        write_bank(sweep, store)  # the answers the winner's run folder (best/) serves
     except BaseException:
         store.discard()
         raise

@@ -135,9 +135,8 @@ def format_report(report: dict, n_examples: int = 5) -> str:
         mark = "  <- best baseline" if name == report["best_baseline"] else ""
         lines.append(row(name, report["baseline_details"][name]["space"], m) + mark)
     lines.append(row("chance", "", report["chance"]))
-    verdict = (
-        "beats" if report["cube_minus_best_mrr"] > 0 else ("ties" if report["cube_minus_best_mrr"] == 0 else "is below")
-    )
+    shown = round(report["cube_minus_best_mrr"], 3)  # the verdict says what the table shows
+    verdict = "beats" if shown > 0 else ("ties" if shown == 0 else "is below")
     lines.append(
         f"cube MRR {verdict} the best baseline ({report['best_baseline']}) by {report['cube_minus_best_mrr']:+.3f}"
     )
