@@ -27,7 +27,11 @@ class MetricsLog(UserCallback):
             return list(csv.DictReader(f))
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        row = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, bool))}
+        # Rank 0's metrics (every rank scores the same validation numbers), and what each rank's
+        # shard streamed this epoch (shard_rows_rank1, shard_checksum_rank1, ...).
+        row = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, bool)) and not k.startswith("shard_")}
+        for rank, m in enumerate(metrics):
+            row.update({f"{k}_rank{rank}": v for k, v in m.items() if k.startswith("shard_")})
         path = Path(self.run_dir) / "metrics.csv"
         rows = [r for r in self._rows(path) if int(r["epoch"]) < row["epoch"]] + [row]
         fields = list(dict.fromkeys(k for r in rows for k in r))

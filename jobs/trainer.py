@@ -50,22 +50,32 @@ def _quiet_worker() -> None:
         logging.getLogger(ours).setLevel(logging.INFO)
 
 
-def shard_epochs(shard: Any, batch_size: int, steps: int, seed: int, buffer: int):
+class ShardEpochs:
     """A function from the epoch to this worker's batches of its Ray Data shard: a fresh file
     order every epoch (the dataset's FileShuffleConfig), rows mixed in a local shuffle buffer
     seeded by (seed, epoch), `steps` full batches as (q, a) tensors. The rest of the epoch's
-    stream is drained, so that the next epoch starts clean."""
+    stream is drained, so that the next epoch starts clean, and counted: `seen[epoch]` is
+    (rows streamed, the sum of their question vectors), which the worker reports, so that the
+    shards can be checked to cover every row once."""
 
-    def epoch_batches(epoch: int):
-        it = iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.float32,
-                                           local_shuffle_buffer_size=buffer or None,
-                                           local_shuffle_seed=seed * 100_003 + epoch if buffer else None))
-        for _, batch in zip(range(steps), it):
-            yield batch["q_vec"], batch["a_vec"]
-        for _ in it:
-            pass
+    def __init__(self, shard: Any, batch_size: int, steps: int, seed: int, buffer: int) -> None:
+        self.shard, self.batch_size, self.steps, self.seed, self.buffer = shard, batch_size, steps, seed, buffer
+        self.seen: dict[int, tuple[int, float]] = {}
 
-    return epoch_batches
+    def __call__(self, epoch: int):
+        rows, total, taken = 0, 0.0, 0
+        batches = self.shard.iter_torch_batches(
+            batch_size=self.batch_size, drop_last=False, dtypes=torch.float32,
+            local_shuffle_buffer_size=self.buffer or None,
+            local_shuffle_seed=self.seed * 100_003 + epoch if self.buffer else None)
+        for batch in batches:
+            q, a = batch["q_vec"], batch["a_vec"]
+            rows += len(q)
+            total = total + q.double().sum()  # a device tensor: no sync per batch
+            if taken < self.steps and len(q) == self.batch_size:
+                taken += 1
+                yield q, a
+        self.seen[epoch] = (rows, float(total))
 
 
 def share_from_rank0(value: Any) -> Any:
@@ -115,7 +125,8 @@ def train_worker(config: dict[str, Any]) -> None:
                  lattice_kernel(cfg.optim, cfg.cube, device))
 
     def report(end: EpochEnd) -> None:
-        m = end.metrics
+        rows, checksum = batches.seen.get(end.metrics["epoch"] - 1, (0, 0.0))
+        m = {**end.metrics, "shard_rows": rows, "shard_checksum": checksum}  # this rank's own
         if rank != 0:
             ray.train.report(m)  # every rank reports the same number of times
             return
@@ -134,7 +145,7 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     shard = ray.train.get_dataset_shard("train")
-    batches = shard_epochs(shard, cfg.optim.batch_size, config["steps_per_epoch"], cfg.seed, config["shuffle_buffer"])
+    batches = ShardEpochs(shard, cfg.optim.batch_size, config["steps_per_epoch"], cfg.seed, config["shuffle_buffer"])
     fit(model, batches, val, cfg.loss, cfg.optim, seed=cfg.seed, rank=rank, probe=probe, on_epoch=report,
         state=state, world_size=world, wrap=ray.train.torch.prepare_model, steps_per_epoch=config["steps_per_epoch"],
         share=share_from_rank0)

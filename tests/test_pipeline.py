@@ -64,6 +64,24 @@ def test_training_beats_mean_answer_and_loss_falls(trained_run):
                  "config.yaml", "eval.json", "curves.png"):
         assert (run / name).is_file(), name
     assert json.loads((run / "model" / "config.json").read_text())["teacher"]["name"] == "minilm"
+    assert_shards_cover_the_training_split(run, metrics)
+
+
+def assert_shards_cover_the_training_split(run, metrics: pd.DataFrame) -> None:
+    """Every epoch, two workers' shards together streamed each training row exactly once, but for
+    the one row that Ray Train's equal split drops when the rows do not divide by two: their row
+    counts are equal and add up, and the sums of their question vectors add up to the split's
+    (less that one row's)."""
+    split = RunDir(run).split()
+    row_sums = np.concatenate([q.astype(np.float64).sum(1) for q, _ in split.vector_batches("train")])
+    for _, epoch in metrics.iterrows():
+        a, b = epoch["shard_rows_rank0"], epoch["shard_rows_rank1"]
+        assert a == b == len(row_sums) // 2, (a, b, len(row_sums))
+        missing = row_sums.sum() - epoch["shard_checksum_rank0"] - epoch["shard_checksum_rank1"]
+        if len(row_sums) % 2:
+            assert np.abs(row_sums - missing).min() < 1e-6, missing  # exactly one row left out
+        else:
+            assert abs(missing) < 1e-6, missing
 
 
 def test_eval_json_shape(trained_run):
