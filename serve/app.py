@@ -54,7 +54,7 @@ def compose(teacher: TeacherConfig, dim: int, target: str, cfg: ServeConfig, ans
     embedder = TeacherEmbedder.options(**cfg.embedder.options(), **drain, user_config=_live(cfg.embedder)).bind(
         to_dict(teacher), to_dict(cfg.embedder), dim)
     predictor = CubePredictor.options(**cfg.predictor.options(), **drain, user_config=_live(cfg.predictor)).bind(
-        target, answers, store_folder, to_dict(cfg.predictor))
+        target, answers, store_folder, to_dict(cfg.predictor), to_dict(cfg.search))
     generator = Generator.options(**cfg.generator.options(), **drain, user_config=_live(cfg.generator)).bind(
         to_dict(teacher), cfg.limits.generation_max_new_tokens, to_dict(cfg.generator))
     return AnswerAPI.options(**cfg.api.options(), **drain).bind(embedder, predictor, generator, to_dict(cfg.limits))

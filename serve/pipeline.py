@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from cube.data.bank import SearchConfig
 from cube.data.rundir import RunDir
 from cube.data.storage import Storage
 from cube.eval.answering import Answer, as_tensor, lattice_activity
@@ -80,7 +81,7 @@ class LoadedRun:
     and the answer bank straight from the URI. Nothing is left behind on the replica's node."""
 
     def __init__(self, run_dir: str | Path, answers: str | None = None, store_folder: str | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", search: SearchConfig = SearchConfig()) -> None:
         with Storage.of(run_dir).reading() as path:
             run = RunDir(path)
             run.require("model", "bank.json", "teacher.json")
@@ -90,6 +91,8 @@ class LoadedRun:
             self.model, self.checkpoint = load_checkpoint(run.model_dir, expected_teacher=self.teacher.identity())
             self.model.to(device)
             self.bank, self.extra_answers = load_bank(run, self.model.a_mean, answers, store_folder)
+            self.bank.index_with(search)
+            self.search = search
             self.version = f"{self.name}@{file_digest(run.model_dir / 'model.safetensors')}"
             self.held_out = held_out_summary(run)
         self.teacher_key = teacher_key(self.teacher.identity())
@@ -144,6 +147,8 @@ class LoadedRun:
             "checkpoint": {"epoch": self.checkpoint.get("epoch"), "val": self.checkpoint.get("val")},
             "held_out": self.held_out,
             "bank_size": len(self.bank),
+            "search": {"kind": self.search.kind, "lists": self.bank.index.nlist if self.bank.index else None,
+                       "probes": self.search.probes if self.bank.index else None},
             "extra_answers": self.extra_answers,
         }
 

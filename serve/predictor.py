@@ -16,6 +16,7 @@ import torch
 from ray import serve
 
 from cube.config import from_dict
+from cube.data.bank import SearchConfig
 from serve.batching import BusyGate
 from serve.pipeline import Embedded, LoadedRun
 from serve.settings import REPLICA_CPUS, DeploymentSettings
@@ -25,10 +26,12 @@ T = TypeVar("T")
 
 @serve.deployment(name="CubePredictor", ray_actor_options={"num_cpus": REPLICA_CPUS})
 class CubePredictor:
-    def __init__(self, run_dir: str, answers: str | None, store_folder: str | None, settings: dict[str, Any]) -> None:
+    def __init__(self, run_dir: str, answers: str | None, store_folder: str | None, settings: dict[str, Any],
+                 search: dict[str, Any] | None = None) -> None:
         s = from_dict(DeploymentSettings, settings)
         torch.set_num_threads(s.torch_threads)
-        self.loaded = LoadedRun(run_dir, answers, store_folder, device=s.device)
+        self.loaded = LoadedRun(run_dir, answers, store_folder, device=s.device,
+                                search=from_dict(SearchConfig, search or {}))
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="cube")
         self.gate = BusyGate()
 

@@ -10,6 +10,7 @@ name the key (cube.config.from_dict).
     predictor:  # the cube and the answer bank (CubePredictor), with dynamic batching
     generator:  # the teacher's own generated answer for /v1/compare (Generator)
     limits:     # request limits and the end-to-end timeout
+    search:     # exact search of the answer bank, or a faiss IVF index (cube/data/bank.py)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from cube.config import apply_overrides, from_dict, to_dict
+from cube.data.bank import SearchConfig
 
 # A whole CPU a replica, sized for a real node. On a laptop, configs/serve_laptop.yaml gives each
 # a quarter (the four deployments in one CPU); `cube demo` and the tests use it.
@@ -108,6 +110,7 @@ class ServeConfig:
     predictor: DeploymentSettings = field(default_factory=DeploymentSettings)
     generator: DeploymentSettings = field(default_factory=_generator_defaults)
     limits: Limits = field(default_factory=Limits)
+    search: SearchConfig = field(default_factory=SearchConfig)  # exact, or an IVF index for big banks
 
     def __post_init__(self) -> None:
         for name in ("embedder", "predictor"):

@@ -32,6 +32,25 @@ class BankError(RuntimeError):
     """A bank that is missing or does not fit the run it is served with."""
 
 
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the cube's predictions are searched in the bank. `exact` scores every answer (in
+    blocks); `ivf` is faiss's inverted-file index over the centred, normalised answers (`lists`
+    k-means cells, 0 = 4·√answers; `probes` cells searched a query), for banks where exact
+    search is too slow (docs/serving.md has recall@10 against exact). The identity baseline's
+    raw search stays exact."""
+
+    kind: str = "exact"  # exact | ivf (needs faiss-cpu: pip install -e '.[ann]')
+    lists: int = 0
+    probes: int = 32
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("exact", "ivf"):
+            raise ValueError(f"search.kind must be exact or ivf, got {self.kind!r}")
+        if self.lists < 0 or self.probes < 1:
+            raise ValueError(f"search.lists must be >= 0 and search.probes >= 1, got {self.lists}, {self.probes}")
+
+
 @dataclass
 class Answer:
     answer: str
@@ -110,6 +129,34 @@ class AnswerBank:
             centred_norm.append((v - self.a_mean).norm(dim=-1))
         self.raw_norm = torch.cat(raw_norm).clamp_min(1e-12)  # (P,)
         self.centred_norm = torch.cat(centred_norm).clamp_min(1e-12)
+        self.index = None  # a faiss index of the centred keys, once `index_with` builds one
+
+    def index_with(self, search: SearchConfig, seed: int = 0) -> AnswerBank:
+        """Build the approximate index `search` asks for (nothing for exact search); returns self.
+
+        Raises:
+            BankError: faiss is not installed."""
+        if search.kind == "exact":
+            self.index = None
+            return self
+        try:
+            import faiss
+        except ImportError:
+            raise BankError("search.kind=ivf needs faiss: pip install -e '.[ann]' (faiss-cpu)") from None
+        dim, n = self.vectors.shape[1], len(self.texts)
+        lists = search.lists or max(1, min(n // 39, int(4 * n**0.5)))  # faiss wants >= 39 points a cell
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, 256 * lists)]
+        index.train(self._keys(sample).numpy())
+        for start in range(0, n, SEARCH_BLOCK):
+            index.add(self._keys(torch.arange(start, min(n, start + SEARCH_BLOCK))).numpy())
+        index.nprobe = search.probes
+        self.index = index
+        return self
+
+    def _keys(self, rows: torch.Tensor) -> torch.Tensor:
+        """Centred, normalised float32 keys of `rows` (what the cube's search compares with)."""
+        return F.normalize(self.vectors[rows].float() - self.a_mean, dim=-1).contiguous()
 
     @classmethod
     def read(cls, target: str, a_mean: torch.Tensor) -> AnswerBank:
@@ -141,6 +188,10 @@ class AnswerBank:
         """(B, E) queries → for each, the k best answers by cosine, best first: a centred
         prediction of the cube, or (`raw`) a raw question embedding."""
         q = F.normalize(pred.float(), dim=-1)  # (B, E)
+        if self.index is not None and not raw:
+            scores, rows = self.index.search(q.contiguous().numpy(), min(k, len(self.texts)))
+            return [[Answer(self.texts[i], float(s)) for i, s in zip(row_i, row_s) if i >= 0]
+                    for row_i, row_s in zip(rows.tolist(), scores.tolist())]
         shift = None if raw else q @ self.a_mean  # (B,): q·(v − m) = q·v − q·m
         norms = self.raw_norm if raw else self.centred_norm
         k = min(k, len(self.texts))
