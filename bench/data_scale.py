@@ -83,6 +83,7 @@ class Sampler(threading.Thread):
         self.peak = {"machine_used": 0, "driver_rss": 0, "driver_uss": 0, "worker_rss": 0, "worker_uss": 0,
                      "ray_processes_rss_sum": 0}
         self.workers: dict[str, int] = {}
+        self.series: list[dict] = []  # one row a sample: time, machine used, USS by process title
 
     def run(self) -> None:
         import psutil
@@ -97,6 +98,11 @@ class Sampler(threading.Thread):
             except psutil.Error:
                 pass
             rss_sum = 0
+            row: dict = {"t": time.time(), "machine_used": used_memory()}
+            try:
+                row["driver"] = psutil.Process(self.driver_pid).memory_full_info().uss
+            except psutil.Error:
+                pass
             for proc in psutil.process_iter(["name", "cmdline"]):
                 try:
                     title = " ".join(proc.info["cmdline"] or [])
@@ -106,12 +112,14 @@ class Sampler(threading.Thread):
                     rss_sum += mem.rss
                     name = title.split()[0]
                     self.workers[name] = max(self.workers.get(name, 0), mem.uss)
+                    row[name] = row.get(name, 0) + mem.uss
                     if "RayTrainWorker" in name:
                         self.peak["worker_rss"] = max(self.peak["worker_rss"], mem.rss)
                         self.peak["worker_uss"] = max(self.peak["worker_uss"], mem.uss)
                 except psutil.Error:
                     continue
             self.peak["ray_processes_rss_sum"] = max(self.peak["ray_processes_rss_sum"], rss_sum)
+            self.series.append(row)
 
 
 def run_train(data: Path, output: Path, report: Path | None, extra: list[str]) -> dict:
@@ -161,6 +169,11 @@ def run_train(data: Path, output: Path, report: Path | None, extra: list[str]) -
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result, indent=1) + "\n")
+        import pandas as pd
+
+        series = pd.DataFrame(sampler.series).fillna(0)
+        series["t"] -= start
+        series.to_csv(report.with_suffix(".memory.csv"), index=False)
     return result
 
 

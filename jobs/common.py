@@ -190,6 +190,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         return _embedded
     route_ray_logs()  # before init too: init itself logs (the token-auth notice)
     quiet = {"log_to_driver": _verbose, "logging_level": logging.INFO if _verbose else logging.WARNING}
+    # Arrow's default allocator keeps what a worker freed; blocks of vectors are large. The
+    # system allocator gives memory back: for this job's workers, on any cluster.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    quiet["runtime_env"] = {"env_vars": {"ARROW_DEFAULT_MEMORY_POOL": os.environ["ARROW_DEFAULT_MEMORY_POOL"]}}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to the Ray cluster at %s", address)

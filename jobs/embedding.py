@@ -14,8 +14,7 @@ import logging
 import math
 import os
 import time
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,29 +30,21 @@ from cube.data.qa import Source, text_hash
 from cube.job_config import EmbedConfig, PipelineOptions
 from cube.teachers import TeacherConfig, load_teacher
 from cube.teachers.generate import AnswerWriter, GeneratorConfig
-from jobs.common import ResourceError, ensure_ray, quiet_ray_data, require_resources
+from jobs.common import ensure_ray, quiet_ray_data
+from jobs.stages import (
+    IDLE_ACTOR,
+    LIGHT,
+    PartSink,
+    SkipDone,
+    generated_table,
+    read_source,
+    texts_of,
+    with_question_keys,
+    without_restarts,
+)
 
 log = logging.getLogger("cube.embed")
-# The light stages (read, distinct texts, writes) take a sliver of a CPU each: with Ray's default
-# of one CPU per task they would wait behind the teacher actors. The skip filter is an actor that
-# idles between batches, so it reserves none. Ray Data's Parquet file listing still asks for a
-# whole CPU and takes no options: see check_room_for_listing.
-LIGHT = {"num_cpus": 0.25}
-IDLE_ACTOR = {"num_cpus": 0}
-# max_restarts=0 on our actors: with restarts on, Ray's core worker prints an error line about
-# constructor arguments in the object store on every run. Nothing is lost without them: a dead
-# actor fails the job loudly, and the rerun embeds only what no finished part holds.
-NO_RESTART = {"max_restarts": 0}
 PROGRESS_EVERY_S = 10.0
-
-
-def without_restarts(map_batches: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`map_batches(..., max_restarts=0)`. Ray 2.60 has no named parameter for it and warns that
-    the catch-all kwargs it goes through are deprecated, though its own actor pool reads it from
-    there (actor_pool_map_operator.py): that one warning is silenced, by its exact message."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return map_batches(*args, **kwargs, **NO_RESTART)
 
 
 # ---------------------------------------------------------------- Ray Data stages
@@ -90,109 +81,6 @@ class WriterActor:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return batch.assign(answer=self.writer.answer(batch["question"].tolist()), generator=self.cfg.name)
-
-
-class SkipDone:
-    """Drops texts whose key is in `done`: the sorted keys the store held when the driver looked
-    (the driver reads the store, since this actor may run on a node without it)."""
-
-    def __init__(self, done: np.ndarray) -> None:
-        self.done = done
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        keys = text_hash(batch["text"])
-        idx = np.minimum(np.searchsorted(self.done, keys), max(len(self.done) - 1, 0))
-        seen = (self.done[idx] == keys) if len(self.done) else np.zeros(len(keys), bool)
-        return batch[~seen]
-
-
-def texts_of(columns: tuple[str, ...]) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    """A batch of rows → its distinct stripped texts of `columns` (blank and missing ones dropped:
-    validation has already refused the rows that need them)."""
-
-    def explode(batch: pd.DataFrame) -> pd.DataFrame:
-        parts = [batch[c].dropna().astype(str).str.strip() for c in columns if c in batch]
-        texts = pd.unique(pd.concat(parts)) if parts else np.array([], dtype=object)
-        return pd.DataFrame({"text": [t for t in texts if t]})
-
-    return explode
-
-
-def with_question_keys(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    def add(batch: pd.DataFrame) -> pd.DataFrame:
-        q = batch[column].astype(str).str.strip()
-        return pd.DataFrame({"text": q, "question": q})
-
-    return add
-
-
-class PartSink:
-    """A Datasink that turns each block into one complete Parquet part in `folder`, on the
-    driver's node (where `folder` is): for outputs that the driver must collect."""
-
-    def __new__(cls, folder: Path, make_table: Callable[[pd.DataFrame], pa.Table]):
-        from ray.data import Datasink
-        from ray.data.block import BlockAccessor
-
-        class _PartSink(Datasink):
-            def write(self, blocks: Iterable, ctx) -> int:
-                rows = 0
-                for block in blocks:
-                    df = BlockAccessor.for_block(block).to_pandas()
-                    if len(df):
-                        store.write_part(folder, make_table(df))
-                        rows += len(df)
-                return rows
-
-            @property
-            def supports_distributed_writes(self) -> bool:
-                return False
-
-        return _PartSink()
-
-
-def generated_table(df: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(df[["question", "answer", "generator"]].assign(key=text_hash(df["question"])),
-                                preserve_index=False)
-
-
-def check_room_for_listing(opts: PipelineOptions) -> None:
-    """Ray Data lists Parquet files in a task that needs one whole free CPU on one node (and
-    takes no options); if the teacher actors hold the rest, the read waits forever. Refuse up
-    front, placing the actors and the listing task node by node as Ray would have to.
-
-    Raises:
-        ValueError: naming the settings to change.
-    """
-    actor = {"CPU": opts.cpus_per_actor, "GPU": opts.num_gpus}
-    try:
-        require_resources([actor] * opts.concurrency + [{"CPU": 1.0}], f"{opts.concurrency} teacher actors and "
-                          "the one free CPU that Ray Data needs to list a Parquet file")
-    except ResourceError as e:
-        raise ValueError(f"{e}; lower pipeline.concurrency or pipeline.cpus_per_actor") from None
-
-
-def read_source(source: Source, columns: list[str], opts: PipelineOptions | None = None, include_paths: bool = False):
-    """A streaming Ray dataset of the input's `columns` that exist (text columns as strings)."""
-    import pyarrow.csv as pcsv
-    import ray.data
-
-    files = list(source.files)
-    if source.format == "jsonl":
-        # pyarrow's JSON reader reads JSON Lines (Ray's lines=True takes no filesystem)
-        ds = ray.data.read_json(files, filesystem=source.fs, include_paths=include_paths, **LIGHT)
-    elif source.format == "csv":
-        options = pcsv.ConvertOptions(column_types={c: pa.string() for c in columns})
-        ds = ray.data.read_csv(files, filesystem=source.fs, convert_options=options, include_paths=include_paths,
-                               **LIGHT)
-    else:
-        if opts is not None:
-            check_room_for_listing(opts)
-        present = [c for c in columns if c in (source.columns() or [])]
-        ds = ray.data.read_parquet(files, filesystem=source.fs, columns=present, include_paths=include_paths,
-                                   **LIGHT)
-    keep = [c for c in ds.columns() or [] if c in columns or c == "path"]
-    return ds.select_columns(keep, **LIGHT)
 
 
 # ---------------------------------------------------------------- pipelines

@@ -61,7 +61,7 @@ def cube_trial(params: dict[str, Any], *, base: dict[str, Any], split_root: str,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     split = SplitData(split_root)
     val = split.held_out("val", questions=cfg.val_questions, seed=cfg.data.seed)
-    probe = split.held_out("train", questions=cfg.val_questions, seed=cfg.data.seed, limit=len(val.pool))
+    probe = split.probe(val, questions=cfg.val_questions, seed=cfg.data.seed)
     model = build_model(cfg.cube, torch.tensor(moments["q_mean"]), torch.tensor(moments["a_mean"]), device, cfg.seed)
     state = None
     checkpoint = tune.get_checkpoint()

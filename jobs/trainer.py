@@ -34,6 +34,7 @@ from cube.train.loop import EpochEnd, build_model, fit
 from cube.train.optim import lattice_kernel, peak_lr, use_cuda_graphs
 from cube.train.step import DivergenceError
 from jobs.common import ensure_ray, quiet_ray_data, require_resources, setup_logging, user_error_in
+from jobs.stages import LIGHT
 
 log = logging.getLogger("cube.train")
 
@@ -115,7 +116,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         split = SplitData(config["split_root"])
         val = split.held_out("val", questions=cfg.val_questions, seed=cfg.data.seed)
-        probe = split.held_out("train", questions=cfg.val_questions, seed=cfg.data.seed, limit=len(val.pool))
+        probe = split.probe(val, questions=cfg.val_questions, seed=cfg.data.seed)
         step = "eager"
         if use_cuda_graphs(cfg.optim, device, world):
             step = "CUDA graphs + torch.compile" if cfg.optim.compile else "CUDA graphs"
@@ -207,7 +208,7 @@ def trainer_for(run: RunDir, cfg: TrainConfig, storage: str, callbacks: list | N
     quiet_ray_data()
     fs, path = filesystem(config["split_root"])
     train = ray.data.read_parquet(f"{path}/split=train", filesystem=fs, columns=["q_vec", "a_vec"],
-                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed), num_cpus=0.25)
+                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed), **LIGHT)
     return TorchTrainer(
         train_worker, train_loop_config=config, datasets={"train": train},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,

@@ -210,3 +210,14 @@ def test_an_ivf_index_finds_what_exact_search_finds():
     assert raw == [r[0].answer for r in exact.top(pred[:5], 1, raw=True)]
     with pytest.raises(ValueError, match="search.kind"):
         SearchConfig(kind="hnsw")
+
+
+def test_vectors_of_a_sliced_column_are_its_own_rows():
+    """A record batch read from Parquet holds slices of larger arrays: their vectors must be the
+    slice's rows (a fixed-size list's .values is the whole parent's)."""
+    from cube.data.split import vectors
+
+    column = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(20, dtype=np.float32)), 4)
+    np.testing.assert_array_equal(vectors(column.slice(2, 2)), np.arange(8, 16, dtype=np.float32).reshape(2, 4))
+    assert vectors(pa.chunked_array([column.slice(0, 1), column.slice(4, 1)])).tolist() == [[0, 1, 2, 3],
+                                                                                            [16, 17, 18, 19]]

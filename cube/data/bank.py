@@ -168,7 +168,7 @@ class AnswerBank:
             raise BankError(f"no answer bank at {target} ({e}); a run trained before banks existed needs "
                             "`cube train` again") from None
         col = table.column("vector").combine_chunks()
-        flat = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
+        flat = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)  # flatten: slice-aware
         return cls(table.column("text").to_pylist(), flat, a_mean)
 
     def extended(self, texts: list[str], vecs: np.ndarray) -> AnswerBank:

@@ -23,11 +23,12 @@ import pyarrow.fs as pafs
 import torch
 
 from cube.data.qa import SPLITS
-from cube.eval.metrics import HeldOut, Split
+from cube.eval.metrics import HeldOut, Split, sample_rows
 
 VECTORS = ("q_vec", "a_vec")
 TEXTS = ("question", "answer", "topic")
-BATCH = 65_536  # rows per read batch: the unit of memory of every stream here
+BATCH = 16_384  # rows per read batch: the unit of memory of every stream here (~50 MB of 384-D pairs)
+PROBE_ROWS = 20_000  # the training probe's cap: a rank holds it beside the validation pool
 
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -43,7 +44,8 @@ def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if len(arr) == 0:
         return np.zeros((0, arr.type.list_size), np.float32)
-    return np.array(arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), -1), dtype=np.float32)
+    # flatten(), not .values: a sliced array's .values is its whole parent's
+    return np.array(arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1), dtype=np.float32)
 
 
 @dataclass
@@ -110,10 +112,28 @@ class SplitData:
         """The split's questions ranked against its distinct answers (or, with `limit`, its first
         rows: the training probe). With `questions` > 0, a seeded sample of that many questions
         is scored, always against the full pool."""
-        t = self.table(name, ["question", "answer", *VECTORS], limit)
-        frame = pd.DataFrame({"question": t.column("question").to_pylist(), "answer": t.column("answer").to_pylist()})
-        held = HeldOut.from_frame(frame, vectors(t.column("q_vec")), vectors(t.column("a_vec")))
-        return held.sample(questions, seed) if questions and questions < len(held) else held
+        texts = self.table(name, ["question", "answer"], limit)
+        asked, answers = texts.column("question").to_pylist(), texts.column("answer").to_pylist()
+        target, pool = pd.factorize(pd.Series(answers), sort=False)
+        first = pd.Series(np.arange(len(answers))).groupby(target).first().to_numpy()  # a row of each answer
+        rows = sample_rows(asked, questions, seed)
+        # Vectors only of the rows it needs: the sampled questions and one row per distinct answer.
+        q, a = self._take(name, "q_vec", rows), self._take(name, "a_vec", first)
+        return HeldOut(torch.from_numpy(q), torch.from_numpy(a), torch.as_tensor(target[rows], dtype=torch.long),
+                       [asked[i] for i in rows], list(pool))
+
+    def probe(self, val: HeldOut, questions: int = 0, seed: int = 0) -> HeldOut:
+        """The training probe: the first training pairs, as many as the validation pool holds
+        answers (at most PROBE_ROWS), scored like validation, so that train-vs-val gaps are not
+        an artefact of pool size (below the cap)."""
+        return self.held_out("train", questions, seed, limit=min(len(val.pool), PROBE_ROWS))
+
+    def _take(self, name: str, column: str, rows: np.ndarray) -> np.ndarray:
+        """The `column` vectors of the given rows (in the dataset's row order), reading only the
+        row groups that hold them."""
+        if not len(rows):
+            return np.zeros((0, self.dim()), np.float32)
+        return vectors(self.dataset(name).take(pa.array(rows), columns=[column]).column(column))
 
     def shuffled(self, name: str, batch_size: int, seed: int, buffer: int = 8 * BATCH):
         """A function from the epoch to that epoch's full batches (q, a tensors), in a new order

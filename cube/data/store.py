@@ -158,7 +158,7 @@ def lookup(folder: str | Path, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarr
     found = table.column("key").to_numpy()
     found, first = np.unique(found, return_index=True)  # two writers may both have embedded a text
     vectors = table.column("vector").combine_chunks()
-    matrix = vectors.values.to_numpy(zero_copy_only=False).reshape(len(vectors), -1)
+    matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), -1)  # slice-aware
     return found, matrix[first].astype(np.float32)
 
 

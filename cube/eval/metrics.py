@@ -18,7 +18,12 @@ from cube.data.qa import text_hash
 METRICS = ("cos", "recall@1", "recall@5", "mrr")
 
 
-RANK_BLOCK = 2048  # questions scored at once: memory is O(RANK_BLOCK × pool), never N × pool
+RANK_BLOCK = 2048  # questions scored at once, at most: memory is O(block × pool), never N × pool
+SCORE_BUDGET = 2**25  # scores in one block (128 MB of float32): big pools get fewer rows a block
+
+
+def block_rows(pool: int, block: int = RANK_BLOCK) -> int:
+    return max(1, min(block, SCORE_BUDGET // max(pool, 1)))
 
 
 def ranks(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, block: int = RANK_BLOCK) -> torch.Tensor:
@@ -29,6 +34,7 @@ def ranks(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, block: i
     Rows are scored `block` at a time, so a pool of millions of answers stays exact."""
     keys = F.normalize(pool.float(), dim=-1)  # (P, E)
     target = target.to(keys.device)
+    block = block_rows(len(keys), block)
     out = torch.empty(len(pred), dtype=torch.long, device=keys.device)
     for start in range(0, len(pred), block):
         p = pred[start : start + block].to(keys.device).float()
@@ -49,6 +55,7 @@ def top_k(
     A non-finite query gets -inf scores (it finds nothing)."""
     keys = F.normalize(keys.float(), dim=-1)
     k = min(k, len(keys))
+    block = block_rows(len(keys), block)
     scores, indices = [], []
     for start in range(0, len(queries), block):
         q = queries[start : start + block].to(keys.device).float()
@@ -95,6 +102,15 @@ class Split:
     a: torch.Tensor  # (N, E)
 
 
+def sample_rows(questions: list[str], n: int, seed: int = 0) -> np.ndarray:
+    """The rows of `n` of the questions (all if n is 0 or more than there are), chosen by a
+    seeded hash of their text, so the same ones whatever the row order; in row order."""
+    if not n or n >= len(questions):
+        return np.arange(len(questions))
+    keys = text_hash([f"{seed}\x00{q}" for q in questions])
+    return np.sort(np.argsort(keys, kind="stable")[:n])
+
+
 @dataclass
 class HeldOut:
     """Questions and the pool of *distinct* answers they are ranked against: the one pool
@@ -119,10 +135,8 @@ class HeldOut:
         return len(self.q)
 
     def sample(self, n: int, seed: int = 0) -> HeldOut:
-        """`n` of the questions, chosen by a seeded hash of their text (so the same ones whatever
-        the row order), kept in their order; the pool stays whole."""
-        keys = text_hash([f"{seed}\x00{q}" for q in self.questions])
-        idx = np.sort(np.argsort(keys, kind="stable")[:n])
+        """`n` of the questions (`sample_rows`); the pool stays whole."""
+        idx = sample_rows(self.questions, n, seed)
         return HeldOut(self.q[idx], self.pool, self.target[idx], [self.questions[i] for i in idx], self.answers)
 
     def head(self, n: int) -> HeldOut:
