@@ -24,6 +24,7 @@ import torch
 
 def worker(config: dict[str, Any]) -> None:
     import ray.train
+    import ray.train.torch
 
     from cube.config import from_dict
     from cube.data.split import SplitData
@@ -34,26 +35,28 @@ def worker(config: dict[str, Any]) -> None:
 
     torch.set_num_threads(1)
     cfg = from_dict(TrainConfig, config["cfg"])
+    device = ray.train.torch.get_device()
     split = SplitData(config["split_root"])
     val = split.held_out("val", questions=1000)
     shard = ray.train.get_dataset_shard("train")
     steps = config["rows"] // cfg.optim.batch_size
     out = {}
     for name in ("stream", "memory"):
-        model = build_model(cfg.cube, torch.tensor(config["q_mean"]), torch.tensor(config["a_mean"]), seed=0)
+        model = build_model(cfg.cube, torch.tensor(config["q_mean"]), torch.tensor(config["a_mean"]), device, seed=0)
         seen: list[float] = []
         if name == "stream":
             train = ShardEpochs(shard, cfg.optim.batch_size, steps, 0, 10_000)
         else:  # the same rows, collected once into tensors
             batches = list(shard.iter_torch_batches(batch_size=65_536, dtypes=torch.float32))
-            train = Split(torch.cat([b["q_vec"] for b in batches]), torch.cat([b["a_vec"] for b in batches]))
+            train = Split(torch.cat([b["q_vec"] for b in batches]).to(device),
+                          torch.cat([b["a_vec"] for b in batches]).to(device))
         fit(model, train, val, cfg.loss, cfg.optim, steps_per_epoch=steps,
             on_epoch=lambda end, seen=seen: seen.append(end.metrics["samples_per_s"]))
         out[name] = seen
     ray.train.report({"stream": out["stream"], "memory": out["memory"]})
 
 
-def measure(run: Path, rows: int, epochs: int, cube_overrides: list[str]) -> dict[str, Any]:
+def measure(run: Path, rows: int, epochs: int, cube_overrides: list[str], use_gpu: bool = False) -> dict[str, Any]:
     import ray
     import ray.data
     import ray.train
@@ -73,7 +76,7 @@ def measure(run: Path, rows: int, epochs: int, cube_overrides: list[str]) -> dic
     trainer = TorchTrainer(worker, train_loop_config={
         "cfg": to_dict(cfg), "split_root": str(Path(split.root).resolve()), "rows": rows,
         "q_mean": info["q_mean"], "a_mean": info["a_mean"]},
-        datasets={"train": train}, scaling_config=ray.train.ScalingConfig(num_workers=1))
+        datasets={"train": train}, scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu))
     result = trainer.fit()
     stream, memory = result.metrics["stream"][1:], result.metrics["memory"][1:]
     return {"cube": " ".join(cube_overrides) or "the run's own", "rows": rows,

@@ -1,6 +1,6 @@
 """What the sweep's choices cost and buy, measured side by side on one split in one Ray session.
 
-    python -m bench.tune_bench --split runs/x/split.parquet --what asha-fifo tpe-random throughput
+    python -m bench.tune_bench --run runs/x --what asha-fifo tpe-random throughput
 
 - asha-fifo: the same space, trial budget and searcher seed under ASHA and under FIFO; prints the
   trial-epochs each spent and the best validation MRR each found (target: ASHA at most 40% of
@@ -8,14 +8,13 @@
 - tpe-random: Optuna TPE against random search; best validation MRR after 10, 20 and 40 trials.
 - throughput: trials per hour at 1, 2 and 4 trials at once (FIFO, fixed-size trials).
 
-The split's folder must hold teacher.json beside split.parquet (any `cube train` run folder
-does). Small cubes keep it to minutes on a 2-core laptop; the space is bench/tune_bench_space.yaml.
+--run is any `cube train` run folder: the sweeps read its split and teacher where they are.
+Small cubes keep it to minutes on a 2-core laptop; the space is bench/tune_bench_space.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from cube.data.storage import Storage
 from cube.job_config import TrainConfig, TuneConfig
 from jobs.common import ensure_ray
 from jobs.search_space import load_space
-from jobs.sweep import max_epochs, run_sweep, trial_table
+from jobs.sweep import link_inputs, max_epochs, run_sweep, trial_table
 
 HERE = Path(__file__).resolve().parent
 SPACE = HERE / "tune_bench_space.yaml"
@@ -37,11 +36,11 @@ BASE = ["cube.width=6", "cube.height=6", "cube.depth=4", "cube.channels=6", "cub
         "optim.epochs=9"]
 
 
-def sweep_dir(root: Path, split: Path, name: str) -> RunDir:
+def sweep_dir(root: Path, source: Path, name: str) -> RunDir:
+    """A sweep folder that reads the split of the run folder `source` where it is."""
     run = RunDir(root / name)
     run.path.mkdir(parents=True)
-    for f in ("split.parquet", "teacher.json"):
-        shutil.copy(split.parent / f, run.path / f)
+    link_inputs(RunDir(source), run)
     save_config(load_config(TrainConfig, None, BASE), run.path / "config.yaml")
     return run
 
@@ -108,7 +107,7 @@ def throughput(root: Path, split: Path, trials: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", type=Path, required=True, help="split.parquet of a run (teacher.json beside it)")
+    p.add_argument("--run", type=Path, required=True, help="a `cube train` run folder: its split and teacher")
     p.add_argument("--what", nargs="+", default=["asha-fifo", "tpe-random", "throughput"])
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
@@ -117,14 +116,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         if "asha-fifo" in args.what:
-            print("## ASHA against FIFO\n\n" + asha_vs_fifo(root, args.split, args.trials // 2, args.seed), flush=True)
+            print("## ASHA against FIFO\n\n" + asha_vs_fifo(root, args.run, args.trials // 2, args.seed), flush=True)
         if "tpe-random" in args.what:
             print(
-                "\n## TPE against random search\n\n" + tpe_vs_random(root, args.split, args.trials, args.seed),
+                "\n## TPE against random search\n\n" + tpe_vs_random(root, args.run, args.trials, args.seed),
                 flush=True,
             )
         if "throughput" in args.what:
-            print("\n## Sweep throughput\n\n" + throughput(root, args.split, 8), flush=True)
+            print("\n## Sweep throughput\n\n" + throughput(root, args.run, 8), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ class PipelineOptions:
     # a whole free CPU, see check_room_for_listing). On 2 cores, 2 threads embed 1.7x faster than 1.
     threads_per_actor: int = 0
     store_dtype: Literal["float32", "float16"] = "float32"  # the embedding store's vectors; float16 halves its disk
+    # Ray Data read tasks at once over the input; 0 = one per four of the cluster's CPUs. Each
+    # decodes a row group at a time: up to a GB for 64k rows of 4096-D vectors.
+    read_concurrency: int = 0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.batch_size < 1:
@@ -43,6 +46,8 @@ class PipelineOptions:
             raise ValueError(f"need num_gpus >= 0 and cpus_per_actor > 0, got {self.num_gpus}, {self.cpus_per_actor}")
         if self.store_dtype not in ("float32", "float16"):
             raise ValueError(f"store_dtype must be float32 or float16, got {self.store_dtype!r}")
+        if self.read_concurrency < 0:
+            raise ValueError(f"read_concurrency must be >= 0 (0 = auto), got {self.read_concurrency}")
         if self.threads_per_actor < 0:
             raise ValueError(f"threads_per_actor must be >= 0 (0 = auto), got {self.threads_per_actor}")
 

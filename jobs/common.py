@@ -92,6 +92,18 @@ RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 _verbose = False
 
 
+def use_system_allocator() -> None:
+    """Arrow's default allocator (jemalloc) keeps what a process freed; a driver that streams
+    millions of vectors through it (validation, the means, the baselines' normal equations)
+    would hold gigabytes it no longer uses. The system allocator gives large blocks back. Every
+    entrypoint calls this first (through setup_logging); its Ray workers get it through the job's
+    runtime environment (ensure_ray)."""
+    import pyarrow as pa
+
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 def setup_logging(verbose: bool = False, log_file: Path | None = None) -> None:
     """Our own progress on the console; Ray's logs in `log_file` (a run folder's ray.log), and
     on the console as well only with `verbose`.
@@ -100,6 +112,7 @@ def setup_logging(verbose: bool = False, log_file: Path | None = None) -> None:
     up, since Ray configures its loggers on import and on init) sends them here instead."""
     global _verbose
     _verbose = verbose
+    use_system_allocator()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)

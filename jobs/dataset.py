@@ -23,7 +23,7 @@ from cube.data.split import Moments, SplitData, filesystem
 from cube.job_config import TrainConfig
 from jobs.common import ensure_ray, quiet_ray_data, user_error_in
 from jobs.embedding import embed_source
-from jobs.stages import LIGHT, PairRows, read_source
+from jobs.stages import LIGHT, PairRows, read_source, read_tasks
 
 log = logging.getLogger("cube.data")
 ROWS_PER_TASK = 8_192  # rows a PairRows call handles: one filtered store scan each (teacher path)
@@ -76,7 +76,7 @@ def prepare_split(data: str, cfg: TrainConfig, split_root: str) -> Prepared:
     rows = read_source(source, columns, cfg.pipeline, include_paths=folder is None).map_batches(
         PairRows.apply, fn_kwargs={"data": _plain(cfg.data), "plan": ray.put(plan), "dim": dim,
                                    "store_folder": str(folder) if folder else None},
-        batch_format="pyarrow", batch_size=ROWS_PER_TASK, **LIGHT)
+        batch_format="pyarrow", batch_size=ROWS_PER_TASK, concurrency=read_tasks(cfg.pipeline), **LIGHT)
     try:
         rows.write_parquet(split_root if "://" in split_root else path, filesystem=fs, partition_cols=["split"],
                            min_rows_per_file=MIN_ROWS_PER_FILE, ray_remote_args=LIGHT)

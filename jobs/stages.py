@@ -124,25 +124,37 @@ def check_room_for_listing(opts: PipelineOptions) -> None:
         raise ValueError(f"{e}; lower pipeline.concurrency or pipeline.cpus_per_actor") from None
 
 
+def read_tasks(opts: PipelineOptions | None) -> int:
+    """Read tasks at once: `pipeline.read_concurrency`, or one per four of the cluster's CPUs.
+    Each decodes a row group of the input at a time (a few hundred MB to a GB for 64k rows of
+    vectors), and a read outpacing what follows only fills the object store."""
+    if opts is not None and opts.read_concurrency:
+        return opts.read_concurrency
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // 4)
+
+
 def read_source(source: Source, columns: list[str], opts: PipelineOptions | None = None, include_paths: bool = False):
     """A streaming Ray dataset of the input's `columns` that exist (text columns as strings)."""
     import pyarrow.csv as pcsv
     import ray.data
 
     files = list(source.files)
+    reads = {**LIGHT, "concurrency": read_tasks(opts)}
     if source.format == "jsonl":
         # pyarrow's JSON reader reads JSON Lines (Ray's lines=True takes no filesystem)
-        ds = ray.data.read_json(files, filesystem=source.fs, include_paths=include_paths, **LIGHT)
+        ds = ray.data.read_json(files, filesystem=source.fs, include_paths=include_paths, **reads)
     elif source.format == "csv":
         options = pcsv.ConvertOptions(column_types={c: pa.string() for c in columns})
         ds = ray.data.read_csv(files, filesystem=source.fs, convert_options=options, include_paths=include_paths,
-                               **LIGHT)
+                               **reads)
     else:
         if opts is not None:
             check_room_for_listing(opts)
         present = [c for c in columns if c in (source.columns() or [])]
         ds = ray.data.read_parquet(files, filesystem=source.fs, columns=present, include_paths=include_paths,
-                                   **LIGHT)
+                                   **reads)
     keep = [c for c in ds.columns() or [] if c in columns or c == "path"]
     return ds.select_columns(keep, **LIGHT)
 

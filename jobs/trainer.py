@@ -34,7 +34,7 @@ from cube.train.loop import EpochEnd, build_model, fit
 from cube.train.optim import lattice_kernel, peak_lr, use_cuda_graphs
 from cube.train.step import DivergenceError
 from jobs.common import ensure_ray, quiet_ray_data, require_resources, setup_logging, user_error_in
-from jobs.stages import LIGHT
+from jobs.stages import LIGHT, read_tasks
 
 log = logging.getLogger("cube.train")
 
@@ -104,6 +104,8 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the lattice runs one shape: let cuDNN time its kernels once
+        if cfg.optim.tf32 != "torch":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.optim.tf32 == "on"
     model = build_model(cfg.cube, torch.tensor(config["q_mean"]), torch.tensor(config["a_mean"]), device, cfg.seed)
     state = None
     checkpoint = ray.train.get_checkpoint()
@@ -177,6 +179,7 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
 
 
 SHUFFLE_BUFFER = 10_000  # rows each worker mixes locally, beside the per-epoch file order
+INGEST_OBJECT_STORE = 256 * 2**20  # bytes of the training split's blocks in flight at once
 
 
 def loop_config(run: RunDir, cfg: TrainConfig) -> dict[str, Any]:
@@ -208,9 +211,15 @@ def trainer_for(run: RunDir, cfg: TrainConfig, storage: str, callbacks: list | N
     quiet_ray_data()
     fs, path = filesystem(config["split_root"])
     train = ray.data.read_parquet(f"{path}/split=train", filesystem=fs, columns=["q_vec", "a_vec"],
-                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed), **LIGHT)
+                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed),
+                                  concurrency=max(2, read_tasks(cfg.pipeline)), **LIGHT)
+    # The ingest's blocks in flight, bounded: a few batches' worth for each worker, not a share of
+    # the node's object store (what Ray Data would take by default).
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.resource_limits = ingest.resource_limits.copy(object_store_memory=INGEST_OBJECT_STORE)
     return TorchTrainer(
         train_worker, train_loop_config=config, datasets={"train": train},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=worker_resources(cfg),
                                                placement_strategy=cfg.placement),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -54,6 +54,10 @@ class Centering:
     def answers(self, a: torch.Tensor, space: Space) -> torch.Tensor:
         return a - self.a_mean if space == "centred" else a
 
+    def offset(self, space: Space) -> torch.Tensor | None:
+        """What `answers` subtracts in `space`, for metrics that apply it without a copy."""
+        return self.a_mean if space == "centred" else None
+
     def targets(self, a: torch.Tensor, space: Space) -> torch.Tensor:
         return F.normalize(a - self.a_mean, dim=-1) if space == "centred" else a
 
@@ -71,6 +75,26 @@ class TrainData:
     centering: Centering
     blocks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # one pass, any order
     shuffled: Callable[[int, int], Epochs]  # (batch_size, seed) → epochs of batches
+    _normal: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def normal_equations(self, space: Space) -> tuple[torch.Tensor, torch.Tensor]:
+        """(QᵀQ, QᵀA) in float64 for `space`, summed over one pass of the stream that serves
+        both spaces (computed at the first call, kept after)."""
+        if space not in self._normal:
+            sums: dict[str, list[torch.Tensor]] = {}
+            for q, a in self.blocks():
+                for s in ("raw", "centred"):
+                    x, y = self.centering.questions(q, s).double(), self.centering.targets(a, s).double()
+                    gram, cross = x.T @ x, x.T @ y
+                    if s in sums:
+                        sums[s][0] += gram
+                        sums[s][1] += cross
+                    else:
+                        sums[s] = [gram, cross]
+            if not sums:
+                raise ValueError("the training split is empty")
+            self._normal.update({s: (g, c) for s, (g, c) in sums.items()})
+        return self._normal[space]
 
     @classmethod
     def in_memory(cls, train: Split) -> TrainData:
@@ -87,7 +111,7 @@ class TrainData:
 
 
 def held_out_mrr(pred: Predictor, data: HeldOut, centering: Centering) -> float:
-    return retrieval_metrics(pred.predict(data.q), centering.answers(data.pool, pred.space), data.target)["mrr"]
+    return retrieval_metrics(pred.predict(data.q), data.pool, data.target, centering.offset(pred.space))["mrr"]
 
 
 def identity(centering: Centering, space: Space) -> Predictor:
@@ -109,13 +133,7 @@ def ridge(train: TrainData, val: HeldOut, space: Space) -> Predictor:
     """W = (QᵀQ + λI)⁻¹QᵀA from normal equations summed over the stream in float64, λ relative
     to trace(QᵀQ) and picked by validation MRR."""
     c = train.centering
-    gram: torch.Tensor | float = 0.0
-    cross: torch.Tensor | float = 0.0
-    for q, a in train.blocks():
-        x, y = c.questions(q, space).double(), c.targets(a, space).double()
-        gram = gram + x.T @ x
-        cross = cross + x.T @ y
-    assert isinstance(gram, torch.Tensor) and isinstance(cross, torch.Tensor), "no training rows"
+    gram, cross = train.normal_equations(space)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype)
     trace = float(gram.trace())
     best: tuple[float, Predictor] | None = None

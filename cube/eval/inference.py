@@ -23,7 +23,7 @@ def score(
     model: CellularCube, q: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, **lattice_kwargs
 ) -> dict[str, float]:
     """Held-out metrics in the cube's centred space: question i's answer is raw `pool[target[i]]`."""
-    return retrieval_metrics(predict(model, q, **lattice_kwargs), pool - model.a_mean.cpu(), target)
+    return retrieval_metrics(predict(model, q, **lattice_kwargs), pool, target, offset=model.a_mean.cpu())
 
 
 def score_held_out(model: CellularCube, data: HeldOut, **lattice_kwargs) -> dict[str, float]:

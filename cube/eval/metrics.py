@@ -26,13 +26,25 @@ def block_rows(pool: int, block: int = RANK_BLOCK) -> int:
     return max(1, min(block, SCORE_BUDGET // max(pool, 1)))
 
 
-def ranks(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, block: int = RANK_BLOCK) -> torch.Tensor:
-    """1-based rank of each row's true candidate among `pool` by cosine (ties count against us).
+def unit_rows(x: torch.Tensor, offset: torch.Tensor | None = None, chunk: int = 65_536) -> torch.Tensor:
+    """normalize(x − offset) row by row, as float32, into one new tensor built chunk by chunk:
+    one copy of a large pool, not the two that subtracting and then normalising make."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for start in range(0, len(x), chunk):
+        rows = x[start : start + chunk].float()
+        out[start : start + chunk] = F.normalize(rows - offset if offset is not None else rows, dim=-1)
+    return out
+
+
+def ranks(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, block: int = RANK_BLOCK,
+          offset: torch.Tensor | None = None) -> torch.Tensor:
+    """1-based rank of each row's true candidate among `pool` − `offset` by cosine (ties count
+    against us).
 
     pred (N, E), pool (P, E), target (N,) indices into pool. A prediction with a non-finite
     value (or whose true candidate has one) ranks last, P: a diverged model must never score.
     Rows are scored `block` at a time, so a pool of millions of answers stays exact."""
-    keys = F.normalize(pool.float(), dim=-1)  # (P, E)
+    keys = unit_rows(pool, offset)  # (P, E)
     target = target.to(keys.device)
     block = block_rows(len(keys), block)
     out = torch.empty(len(pred), dtype=torch.long, device=keys.device)
@@ -48,12 +60,12 @@ def ranks(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor, block: i
 
 @torch.no_grad()
 def top_k(
-    queries: torch.Tensor, keys: torch.Tensor, k: int, block: int = RANK_BLOCK
+    queries: torch.Tensor, keys: torch.Tensor, k: int, block: int = RANK_BLOCK, offset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, indices), each (N, k): the `k` keys nearest each query by cosine, best first,
-    found `block` queries at a time. `keys` may be pre-normalised; they are normalised again.
-    A non-finite query gets -inf scores (it finds nothing)."""
-    keys = F.normalize(keys.float(), dim=-1)
+    """(scores, indices), each (N, k): the `k` keys (− `offset`) nearest each query by cosine,
+    best first, found `block` queries at a time. A non-finite query gets -inf scores (it finds
+    nothing)."""
+    keys = unit_rows(keys, offset)
     k = min(k, len(keys))
     block = block_rows(len(keys), block)
     scores, indices = [], []
@@ -68,12 +80,17 @@ def top_k(
     return torch.cat(scores), torch.cat(indices)
 
 
-def retrieval_metrics(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Mean cosine to the true answer, recall@1, recall@5 and MRR over `pool`, and the share of
-    predictions that are non-finite (they rank last and count as cosine -1)."""
-    r = ranks(pred, pool, target).float()
+def retrieval_metrics(pred: torch.Tensor, pool: torch.Tensor, target: torch.Tensor,
+                      offset: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean cosine to the true answer, recall@1, recall@5 and MRR over `pool` − `offset` (a
+    centring, applied without a copy of the pool), and the share of predictions that are
+    non-finite (they rank last and count as cosine -1)."""
+    r = ranks(pred, pool, target, offset=offset).float()
     finite = torch.isfinite(pred.float()).all(-1)
-    cos = F.cosine_similarity(pred.float(), pool[target.to(pool.device)].float(), dim=-1)
+    true = pool[target.to(pool.device)].float()
+    if offset is not None:
+        true = true - offset
+    cos = F.cosine_similarity(pred.float(), true, dim=-1)
     cos = torch.where(finite & torch.isfinite(cos), cos, -1.0)
     return {
         "cos": cos.mean().item(),

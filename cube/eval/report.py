@@ -24,7 +24,7 @@ __all__ = ["HeldOut", "baseline_report", "compare", "evaluate_run", "format_repo
 
 def _mean_metrics(predictors: list[Predictor], test: HeldOut, centering: Centering) -> dict[str, float]:
     runs = [
-        retrieval_metrics(p.predict(test.q), centering.answers(test.pool, p.space), test.target) for p in predictors
+        retrieval_metrics(p.predict(test.q), test.pool, test.target, centering.offset(p.space)) for p in predictors
     ]
     out = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
     if len(runs) > 1:
@@ -57,13 +57,13 @@ def compare(model: CellularCube, train: TrainData | Split, val: HeldOut, test: H
         train = TrainData.in_memory(train)
     report: dict = {"pool_size": len(test.pool), "n_questions": len(test.q), "chance": chance_metrics(len(test.pool))}
     cube_pred = predict(model, test.q)
-    report["cube"] = retrieval_metrics(cube_pred, test.pool - model.a_mean.cpu(), test.target)
+    report["cube"] = retrieval_metrics(cube_pred, test.pool, test.target, offset=model.a_mean.cpu())
     report["cube_params"] = count_parameters(model)
     report.update(baselines or baseline_report(train, val, test, seeds, which, recipe))
     best = report["best_baseline"]
     report["cube_minus_best_mrr"] = report["cube"]["mrr"] - report["baselines"][best]["mrr"]
     shown = torch.arange(0, len(test.q), max(1, len(test.q) // n_examples))[:n_examples]
-    picks = top_k(cube_pred[shown], test.pool - model.a_mean.cpu(), 1)[1][:, 0]
+    picks = top_k(cube_pred[shown], test.pool, 1, offset=model.a_mean.cpu())[1][:, 0]
     finite = torch.isfinite(cube_pred[shown]).all(1)
     report["examples"] = [
         {"question": test.questions[i], "cube_answer": test.answers[int(pick)] if ok else "(non-finite prediction)",

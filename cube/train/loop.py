@@ -110,6 +110,15 @@ def shuffled_batches(train: Split, batch_size: int, seed: int) -> Batches:
     return epoch_batches
 
 
+def take(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The first `steps` batches, then the rest of the iterable run to its end unused, so that a
+    source that counts what it streamed, or must be drained before its next epoch, finishes."""
+    it = iter(batches)
+    yield from islice(it, steps)
+    for _ in it:
+        pass
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The RNG seed of one rank's epoch (fire masks, step jitter): a resumed run reseeds where the
     uninterrupted one did, so resuming is exact without saving any RNG state."""
@@ -225,7 +234,7 @@ def fit(
     resumed_from = progress.epoch
     for epoch in range(progress.epoch, optim_cfg.epochs):
         torch.manual_seed(epoch_seed(seed, epoch, rank))
-        stats = one_epoch(islice(train(epoch), steps), epoch)
+        stats = one_epoch(take(train(epoch), steps), epoch)
         scores = None
         if val is not None:
             scores = {"val": score_held_out(model, val),

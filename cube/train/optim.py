@@ -42,6 +42,10 @@ class OptimConfig:
     # fp32 or bf16, off otherwise (DDP, CPU, fp16); on = refuse to train without them.
     cuda_graphs: Literal["auto", "on", "off"] = "auto"
     compile: bool = False  # also torch.compile each lattice step (needs CUDA graphs and Triton; ~1 min to compile)
+    # TF32 on CUDA (10-bit mantissa products, fp32 sums): torch = its defaults (convs in TF32,
+    # matmuls strict), on = both in TF32, off = strict fp32 everywhere. bench/gpu_ray.py compares
+    # their validation MRR; docs/gpu.md says what it measured.
+    tf32: Literal["torch", "on", "off"] = "torch"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -61,6 +65,8 @@ class OptimConfig:
             raise ValueError(f"kernel must be auto or one of {KERNELS}, got {self.kernel!r}")
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ValueError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
+        if self.tf32 not in ("torch", "on", "off"):
+            raise ValueError(f"tf32 must be torch, on or off, got {self.tf32!r}")
         if self.compile and self.cuda_graphs == "off":
             raise ValueError("compile=true compiles the CUDA-graph step; it needs cuda_graphs auto or on")
 

@@ -1,0 +1,51 @@
+"""The GPU-under-Ray script (bench/gpu_ray.py) run here on the CPU, so that it cannot rot before a
+GPU machine is lent: every section on the shared Ray cluster, tiny settings, real outcomes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.ray
+
+
+def test_the_gpu_script_runs_every_section_on_the_cpu(ray_cluster, qa_sample, tmp_path):
+    import pandas as pd
+
+    from cube.teachers import HFTeacher, TeacherConfig
+
+    pairs = pd.read_json(qa_sample, lines=True)
+    teacher = HFTeacher(TeacherConfig())
+    col = lambda v: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])  # noqa: E731
+    data = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"question": pairs["question"], "answer": pairs["answer"],
+                             "question_embedding": col(teacher.embed(pairs["question"].tolist()).vectors),
+                             "answer_embedding": col(teacher.embed(pairs["answer"].tolist()).vectors)}), data)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_ray", "--data", str(data), "--device", "cpu", "--quick",
+                           "--epochs", "2", "--trials", "2", "--requests", "24", "--port", str(free_port()),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(result) == {"env", "train", "ingest", "tune", "serve", "precision"}
+    errors = {k: v["error"] for k, v in result.items() if "error" in v}
+    assert not errors, errors
+    train = result["train"]
+    assert train["epochs"] == 2 and train["samples_per_s_ray"] > 0 and train["samples_per_s_without_ray"] > 0
+    assert train["resume_returncode"] == 0 and train["resumed_from"] >= 1 and train["resume_epochs"] == [1, 2, 3]
+    assert result["ingest"]["stream_samples_per_s"] > 0 and result["ingest"]["ratio"] > 0.1
+    tune = result["tune"]
+    assert tune["packed"]["returncode"] == 0 and tune["whole"]["returncode"] == 0 and not tune["packed"]["errored"]
+    for placement in result["serve"].values():
+        assert [level["clients"] for level in placement] == [1, 32]
+        assert all(np.isfinite(level["p50_ms"]) and level["p99_ms"] >= level["p50_ms"] for level in placement)
+        assert max(int(size) for size in placement[1]["batch_sizes"]) > 1  # 32 clients make batches
+    assert set(result["precision"]) >= {"fp32", "bf16"}
+    assert all(0 < v["val_mrr"] <= 1 for k, v in result["precision"].items() if k != "section_seconds")
