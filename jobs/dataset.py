@@ -61,9 +61,15 @@ def prepare_split(data: str, cfg: TrainConfig, split_root: str) -> Prepared:
     columns = [cfg.data.question_col, cfg.data.answer_col, cfg.data.topic_col]
     folder = None
     if dim is None:
-        texts = len(np.unique(s.q_hash)) + len(np.unique(s.a_hash))
-        folder = embed_source(source, (cfg.data.question_col, cfg.data.answer_col), cfg.teacher, cfg.pipeline,
-                              total=texts)
+        identity, dtype = cfg.teacher.identity(), cfg.pipeline.store_dtype
+        folder = store.open_store(store.default_store(identity, dtype), identity, dtype)
+        wanted = np.union1d(s.q_hash, s.a_hash)
+        missing = len(np.setdiff1d(wanted, store.keys(folder), assume_unique=True))
+        if missing:  # the keys were read from the store above: 8 bytes a text
+            folder = embed_source(source, (cfg.data.question_col, cfg.data.answer_col), cfg.teacher, cfg.pipeline,
+                                  total=missing)
+        else:
+            log.info("all %s texts are in the embedding store %s already", f"{len(wanted):,}", folder)
         dim = store.dataset(folder).schema.field("vector").type.list_size
     else:
         columns += [cfg.data.question_embedding_col, cfg.data.answer_embedding_col]
