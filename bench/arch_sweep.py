@@ -1,6 +1,6 @@
 """Cube variants against the baselines over several seeds and datasets, with the product's own paths.
 
-    python -m bench.arch_sweep --split runs/smollm2/split.parquet --split runs/medquad/split.parquet \\
+    python -m bench.arch_sweep --split runs/smollm2 --split runs/medquad \\
         --variants default,ep24 --seeds 3 --device cuda --jobs 8 --json out.json
 
 Each variant is a set of `--set`-style overrides applied to the default TrainConfig (the same
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from cube.config import to_dict
-from cube.data.rundir import read_split
-from cube.eval.baselines import Centering, fit_baselines
+from cube.data.rundir import RunDir
+from cube.eval.baselines import Centering, TrainData, fit_baselines
 from cube.eval.inference import score_held_out
 from cube.eval.report import score_baselines
 from cube.job_config import TrainConfig
@@ -53,7 +53,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def dataset(path: str, device: str) -> dict[str, Any]:
-    data = read_split(Path(path))
+    """A `cube train` run folder's split: the training pairs on `device`, val and test whole."""
+    data = RunDir(path).split()
     train = data.split("train")
     return {"train": type(train)(train.q.to(device), train.a.to(device)), "val": data.held_out("val"),
             "test": data.held_out("test")}
@@ -77,7 +78,7 @@ def run_one(job: tuple[str, str, dict[str, Any], int, str, int]) -> dict[str, An
 def baselines(path: str, seeds: int) -> dict[str, dict[str, float]]:
     splits = dataset(path, "cpu")
     train = splits["train"]
-    fitted = fit_baselines(train, splits["val"], seeds=seeds)
+    fitted = fit_baselines(TrainData.in_memory(train), splits["val"], seeds=seeds)
     c = Centering.fit(train)
     return {
         s: {k: v["mrr"] for k, v in score_baselines(fitted, c, splits[s])["baselines"].items()} for s in ("val", "test")
@@ -112,7 +113,7 @@ def summarise(rows: list[dict], base: dict[str, dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", action="append", default=[], help="split.parquet of a `cube train` run (repeatable)")
+    p.add_argument("--split", action="append", default=[], help="a `cube train` run folder (repeatable): its split")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--variants", default="default", help=f"comma-separated, from {list(VARIANTS)}")

@@ -23,6 +23,10 @@ class ResourceError(RuntimeError):
     """A job asks for more than the cluster has (and, where allowed, more than joined in time)."""
 
 
+class SweepError(RuntimeError):
+    """A sweep none of whose trials reported a result; the message says where their errors are."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story: bad data, config, run folder, teacher, resources."""
     from cube.data.bank import BankError
@@ -34,7 +38,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from cube.train.checkpoint import CheckpointError
 
     return (DataError, RunError, CheckpointError, StoreError, StorageError, TeacherError, ResourceError, BankError,
-            FileNotFoundError, ValueError)
+            SweepError, FileNotFoundError, ValueError)
 
 
 def user_error_in(

@@ -41,7 +41,7 @@ from cube.data.storage import Storage
 from cube.job_config import TrainConfig, TuneConfig
 from cube.train.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.train.loop import EpochEnd, build_model, fit
-from jobs.common import node_resources, require_resources
+from jobs.common import SweepError, node_resources, require_resources
 from jobs.search_space import Param, trial_config
 
 log = logging.getLogger("cube.tune")
@@ -431,6 +431,11 @@ def write_best_eval(best: RunDir, fitted) -> dict:
     return report
 
 
+def scored_error(table: pd.DataFrame) -> str:
+    errors = [e for e in table.get("error", pd.Series(dtype=str)).tolist() if isinstance(e, str) and e]
+    return f"the first: {errors[0]}" if errors else "none reported an error"
+
+
 def finish(sweep: RunDir, settings: TuneConfig, space: list[Param], results) -> dict[str, Any]:
     """Table, costs, report, the winner's run folder, its test evaluation and robustness."""
     from cube.eval.baselines import MLPRecipe, fit_baselines
@@ -457,7 +462,9 @@ def finish(sweep: RunDir, settings: TuneConfig, space: list[Param], results) -> 
     scored = table.dropna(subset=["val_mrr"])
     if not len(scored):
         write_report(sweep.path, table.drop(columns="_result"), space, baselines_val, to_dict(settings))
-        raise RuntimeError(f"no trial of the sweep reported a result; see the errors in {sweep.path / 'results.csv'}")
+        first = scored_error(table)
+        raise SweepError(f"no trial of the sweep reported a result ({first}); see every trial's error in "
+                         f"{sweep.path / 'results.csv'}")
     winner = table.loc[scored["val_mrr"].idxmax()]
     params = {p.key: winner[p.key] for p in space}
     best = publish_best(sweep, winner["_result"], params)

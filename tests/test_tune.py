@@ -146,3 +146,19 @@ def test_resume_after_the_sweep_driver_is_killed(ray_cluster, qa_sample, tmp_pat
     assert {k: after[k] for k in before} == before  # a finished trial was not trained again
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 3 and (table["status"] == "finished").all() and (table["epochs_run"] == 3).all()
+
+
+def test_a_diverging_trial_is_recorded_as_errored_with_its_reason(ray_cluster, qa_sample, tmp_path):
+    """A trial at an absurd learning rate stops with its DivergenceError: the sweep records it as
+    errored, with the reason, and (no trial left with a result) says so in one line."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {distribution: choice, values: [1000000.0]}\n")
+    out = tmp_path / "sweep"
+    proc = subprocess.run(tune_cmd(qa_sample, out, space, "--trials", "1", "--robustness-seeds", "0", "--scheduler",
+                                   "fifo", "--set", "optim.epochs=1", "--set", "optim.max_lr=1000000",
+                                   "--set", "optim.grad_clip=0", "--set", "workers=1"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "no trial of the sweep reported a result" in proc.stderr, proc.stderr[-3000:]
+    table = pd.read_csv(out / "results.csv")
+    assert table["status"].tolist() == ["errored"]
+    assert "DivergenceError" in table["error"].iloc[0] and "diverged at epoch 1" in table["error"].iloc[0]
