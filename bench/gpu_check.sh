@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for a lent GPU machine (no Ray, no project venv there; its python has torch, JAX,
 # optax, pandas, pyarrow). Stages, each with a hard timeout, in order of value:
-#   1. arch sweep: cube variants vs baselines on the split.parquet files in $ARCH_SPLITS (if set)
+#   1. arch sweep: cube variants vs baselines on the run folders in $ARCH_SPLITS (if set)
 #   2. the training-step table against JAX: eager, graphed conv3d and conv2d (TABLE_S, 180 s; 0 skips it)
 #   3. the GPU tests (CUDA parity of the graphed step; TESTS_S, 150 s), the JAX peer's check beside them
 #   4. if PROFILE lists kernel:precision pairs, a profile of each eager step (40 s each)

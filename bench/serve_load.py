@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from jobs.common import ensure_ray, setup_logging
@@ -68,9 +67,9 @@ def summarise(mode: str, concurrency: int, latencies: list[float], errors: int, 
 
 
 def questions_of(run: Path) -> list[str]:
-    frame = pd.read_parquet(run / "split.parquet", columns=["question", "split"])
-    held = frame[frame["split"] == "test"]["question"].tolist()
-    return held or frame["question"].tolist()
+    from cube.data.rundir import RunDir
+
+    return RunDir(run).split().table("test", ["question"]).column("question").to_pylist()
 
 
 def in_process(run: Path, questions: list[str], requests: int, seconds: float, warmup: int) -> Level:
