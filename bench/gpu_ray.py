@@ -52,6 +52,7 @@ def save(out: Path, name: str, result: dict[str, Any]) -> None:
 def train_config(args: argparse.Namespace, *extra: str) -> list[str]:
     sets = ["workers=1", f"use_gpu={str(args.device == 'cuda').lower()}", f"optim.epochs={args.epochs}",
             "baselines=identity,ridge", "val_questions=500", *extra]
+
     if args.quick:
         sets += ["cube.width=6", "cube.height=6", "cube.depth=4", "cube.steps=4", "cube.channels=6", "cube.hidden=16",
                  "cube.io_channels=2", "optim.batch_size=32"]
@@ -218,7 +219,8 @@ def section_precision(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                        ("tf32", ["optim.precision=fp32", "optim.tf32=on"]), ("bf16", ["optim.precision=bf16"])):
         if name == "tf32" and args.device != "cuda":
             continue  # TF32 is a mode of CUDA's tensor cores
-        cfg = load_config(TrainConfig, None, train_config(args, *sets))
+        short = ["optim.epochs=1"] if args.quick else []  # the CPU check: that it runs, not what it measures
+        cfg = load_config(TrainConfig, None, train_config(args, *sets, *short))
         report = train(args.data, work / f"precision-{name}", cfg)
         best = json.loads((work / f"precision-{name}" / "model" / "config.json").read_text())["val"]["mrr"]
         result[name] = {"val_mrr": best, "test_mrr": report["cube"]["mrr"]}

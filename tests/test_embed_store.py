@@ -91,7 +91,11 @@ def test_train_end_to_end_with_smollm2(ray_cluster, tmp_path):
 
     small = tmp_path / "small.jsonl"
     load_qa(SHIPPED_DATASET).iloc[::16][["question", "answer", "topic"]].to_json(small, orient="records", lines=True)
-    cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", ["teacher=smollm2", "optim.batch_size=16"])
+    cfg = load_config(
+        TrainConfig,
+        ROOT / "configs" / "smoke.yaml",
+        ["teacher=smollm2", "optim.batch_size=16", "optim.epochs=1", "workers=1"],
+    )
     report = train(small, tmp_path / "run", cfg)
     assert report["teacher"]["name"] == "smollm2"
     assert report["cube"]["mrr"] > report["baselines"]["mean_answer"]["mrr"]

@@ -81,7 +81,7 @@ def test_the_lattice_off_ablation_trains_under_ddp(ray_cluster, qa_sample, tmp_p
     from cube.train.loop import build_model
     from jobs.trainer import train
 
-    cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", ["cube.lattice=false", "optim.epochs=2"])
+    cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", ["cube.lattice=false", "optim.epochs=1"])
     report = train(qa_sample, tmp_path / "run", cfg)
     assert report["cube"]["nonfinite"] == 0 and report["cube"]["mrr"] > report["baselines"]["mean_answer"]["mrr"]
     model, _ = load_checkpoint(tmp_path / "run" / "model")
