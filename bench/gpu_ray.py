@@ -205,6 +205,7 @@ def section_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             result[name] = [asyncio.run(_load(handle, vectors, clients, args.requests)) for clients in (1, 32)]
         finally:
             serve.delete("gpu-bench")
+    serve.shutdown()  # on a shared cluster, Serve (its proxy's port) must not outlive the bench
     return result
 
 

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,10 @@ def worker(config: dict[str, Any]) -> None:
         fit(model, train, val, cfg.loss, cfg.optim, steps_per_epoch=steps,
             on_epoch=lambda end, seen=seen: seen.append(end.metrics["samples_per_s"]))
         out[name] = seen
-    ray.train.report({"stream": out["stream"], "memory": out["memory"]})
+    # Ray Train keeps only metrics that come with a checkpoint: the rates travel in one
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "rates.json").write_text(json.dumps(out))
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def measure(run: Path, rows: int, epochs: int, cube_overrides: list[str], use_gpu: bool = False) -> dict[str, Any]:
@@ -78,7 +82,9 @@ def measure(run: Path, rows: int, epochs: int, cube_overrides: list[str], use_gp
         "q_mean": info["q_mean"], "a_mean": info["a_mean"]},
         datasets={"train": train}, scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu))
     result = trainer.fit()
-    stream, memory = result.metrics["stream"][1:], result.metrics["memory"][1:]
+    with result.checkpoint.as_directory() as d:
+        rates = json.loads((Path(d) / "rates.json").read_text())
+    stream, memory = rates["stream"][1:], rates["memory"][1:]
     return {"cube": " ".join(cube_overrides) or "the run's own", "rows": rows,
             "stream_samples_per_s": statistics.median(stream), "memory_samples_per_s": statistics.median(memory),
             "ratio": statistics.median(stream) / statistics.median(memory)}

@@ -4,6 +4,7 @@ and the check that a job's resources exist before Ray is asked for them."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
@@ -108,6 +109,14 @@ def use_system_allocator() -> None:
     pa.set_memory_pool(pa.system_memory_pool())
 
 
+def trim_heap() -> None:
+    """Give the pages that glibc's malloc keeps after a phase's large temporaries (a validation
+    sample built from millions of rows, an evaluation's pool) back to the OS, so that the next
+    phase starts from a flat footprint. Other C libraries (macOS) return memory themselves."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def setup_logging(verbose: bool = False, log_file: Path | None = None) -> None:
     """Our own progress on the console; Ray's logs in `log_file` (a run folder's ray.log), and
     on the console as well only with `verbose`.
@@ -139,6 +148,9 @@ def setup_logging(verbose: bool = False, log_file: Path | None = None) -> None:
     root.setLevel(logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Python warnings (Ray's deprecations of its own internals among them) go to the log file
+    # through the `py.warnings` logger, and to the console only with `verbose`.
+    logging.captureWarnings(True)
     if "ray" in sys.modules:
         route_ray_logs()
 
@@ -210,7 +222,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     # Arrow's default allocator keeps what a worker freed; blocks of vectors are large. The
     # system allocator gives memory back: for this job's workers, on any cluster.
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    quiet["runtime_env"] = {"env_vars": {"ARROW_DEFAULT_MEMORY_POOL": os.environ["ARROW_DEFAULT_MEMORY_POOL"]}}
+    # glibc gives each thread that allocates its own arena (up to 8 per core): in a worker with
+    # many threads, freed blocks are scattered over them and the footprint keeps growing. Two do.
+    quiet["runtime_env"] = {"env_vars": {"ARROW_DEFAULT_MEMORY_POOL": os.environ["ARROW_DEFAULT_MEMORY_POOL"],
+                                         "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to the Ray cluster at %s", address)

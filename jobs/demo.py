@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cube demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--data", type=Path, default=SHIPPED_DATASET, help="question/answer file (default: the shipped data/qa.jsonl)"
+        "--data", default=str(SHIPPED_DATASET), help="question/answer file (default: the shipped data/qa.jsonl)"
     )
     p.add_argument(
         "--output", type=Path, default=Path("runs/demo"), help="run folder (a previous demo there is replaced)"
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = load_qa(args.data, cfg.data)
     n_topics = pairs["topic"].nunique()  # 0 when the file has no topic column
     topics = f" over {n_topics} topics" if n_topics else ""
-    print(f"cube demo: {len(pairs)} question-answer pairs{topics} ({args.data.name}), "
+    print(f"cube demo: {len(pairs)} question-answer pairs{topics} ({Path(args.data).name}), "
           f"teacher {cfg.teacher.name}, run folder {out}", flush=True)
     embedded = ensure_ray()
     report = train(args.data, out, cfg)

@@ -24,7 +24,7 @@ from cube.job_config import TrainConfig
 from jobs.common import add_verbose_flag, run_main, setup_logging
 
 
-def held_out_file(run: RunDir, data: Path) -> HeldOut:
+def held_out_file(run: RunDir, data: str | Path) -> HeldOut:
     """Every row of `data`, embedded with the run's own teacher and pipeline settings.
 
     Raises:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cube eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--run", required=True, help="run folder written by `cube train`: a path or a storage URI")
-    p.add_argument("--data", type=Path, help="evaluate on every row of this Q&A file instead of the run's test split")
+    p.add_argument("--data", help="evaluate on every row of this Q&A file instead of the run's test split")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_verbose_flag(p)
     return p

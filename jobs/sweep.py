@@ -312,7 +312,9 @@ def trial_table(results, space: list[Param], max_t: int) -> pd.DataFrame:
         row["error"] = _error_line(result.error)
         row["_result"] = result
         rows.append(row)
-    return pd.DataFrame(rows)
+    columns = ["trial_id", *(p.key for p in space), "val_mrr", "val_recall_at_1", "val_cos", "best_epoch",
+               "epochs_run", "trial_epochs", "status", "error", "_result"]
+    return pd.DataFrame(rows, columns=columns)  # every column, though no trial reported a metric
 
 
 def best_checkpoint_dir(result) -> Any:

@@ -12,7 +12,6 @@ in cube/data/rundir.py; the Ray side lives in jobs/trainer.py.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from cube.data.storage import LOG, Storage
 from cube.eval.report import format_report
@@ -25,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cube train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data", type=Path, help="Q&A file: JSONL, CSV or Parquet with question/answer columns")
+    p.add_argument("--data", help="Q&A pairs: a JSONL, CSV or Parquet file, or a folder of Parquet files; a path or a "
+                                  "file://, s3:// or gs:// URI (question/answer columns; see docs/data.md)")
     p.add_argument("--output", help="run folder to create (must be empty or absent): a path, or a storage URI "
                                     "(s3://…, gs://…, file://…) that every node of a cluster can reach")
     p.add_argument(

@@ -33,7 +33,7 @@ from cube.train.checkpoint import load_checkpoint, load_train_state, publish, sa
 from cube.train.loop import EpochEnd, build_model, fit
 from cube.train.optim import lattice_kernel, peak_lr, use_cuda_graphs
 from cube.train.step import DivergenceError
-from jobs.common import ensure_ray, quiet_ray_data, require_resources, setup_logging, user_error_in
+from jobs.common import ensure_ray, quiet_ray_data, require_resources, setup_logging, trim_heap, user_error_in
 from jobs.stages import LIGHT, read_tasks
 
 log = logging.getLogger("cube.train")
@@ -119,6 +119,7 @@ def train_worker(config: dict[str, Any]) -> None:
         split = SplitData(config["split_root"])
         val = split.held_out("val", questions=cfg.val_questions, seed=cfg.data.seed)
         probe = split.probe(val, questions=cfg.val_questions, seed=cfg.data.seed)
+        trim_heap()  # the rows read to draw them are freed: give them back before training
         step = "eager"
         if use_cuda_graphs(cfg.optim, device, world):
             step = "CUDA graphs + torch.compile" if cfg.optim.compile else "CUDA graphs"
@@ -171,6 +172,7 @@ def prepare_run(run: RunDir, storage: Storage, cfg: TrainConfig, data: str) -> N
     save_config(cfg, run.path / "config.yaml")
     write_json(run.path / "teacher.json", {**to_dict(cfg.teacher), "dim": int(prepared.dim)})
     run.write_split_info(split_root, prepared.rows, prepared.moments)
+    trim_heap()
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
@@ -179,7 +181,7 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
 
 
 SHUFFLE_BUFFER = 10_000  # rows each worker mixes locally, beside the per-epoch file order
-INGEST_OBJECT_STORE = 256 * 2**20  # bytes of the training split's blocks in flight at once
+INGEST_OBJECT_STORE = 128 * 2**20  # bytes of the training split's blocks in flight at once
 
 
 def loop_config(run: RunDir, cfg: TrainConfig) -> dict[str, Any]:
@@ -348,6 +350,7 @@ def train(data_path: str | Path | None, target: str | Path, cfg: TrainConfig | N
         ensure_ray()
         fit_run(run, cfg, store.ray_storage())
         report = evaluate_run(run.path)
+        trim_heap()  # the evaluation's pool and baselines are freed before the bank is built
         write_json(run.path / "eval.json", report)
         write_bank(run, store)
         plot_curves(run.path / "metrics.csv", run.path / "curves.png")

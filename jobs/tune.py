@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cube tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data", type=Path, help="Q&A file: JSONL, CSV or Parquet with question/answer columns")
+    p.add_argument("--data", help="Q&A pairs: a JSONL, CSV or Parquet file, or a folder of Parquet files; a path or a "
+                                  "file://, s3:// or gs:// URI (question/answer columns; see docs/data.md)")
     p.add_argument(
         "--space", type=Path, action="append", default=[], help="search-space YAML (repeatable; see tune_spaces/)"
     )

@@ -262,5 +262,5 @@ def test_rayservice_serves_the_app_of_serve_config():
         for dep in app.get("deployments", []):
             assert dep["name"] in code, f"the serve package has no deployment {dep['name']}"
             cpus = dep["ray_actor_options"]["num_cpus"]
-            assert 0 < cpus < 1 and cpus == code[dep["name"]], dep
+            assert 0 < cpus <= 1 and cpus == code[dep["name"]], dep
     assert service["http_options"]["host"] == "0.0.0.0"

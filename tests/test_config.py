@@ -61,8 +61,15 @@ def test_every_yaml_in_the_repo_parses():
         assert yaml.safe_load(path.read_text()) is not None, path
 
 
-def test_shipped_configs_are_valid_train_configs():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
+def test_shipped_configs_are_valid_train_or_serve_configs():
+    from serve.settings import load_settings
+
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    serve = [p for p in paths if p.name.startswith("serve_")]
+    assert serve, "configs/serve_laptop.yaml is missing"
+    for path in serve:
+        load_settings(path)  # raises on an unknown key or a wrong type
+    for path in sorted(set(paths) - set(serve)):
         cfg = load_config(TrainConfig, path)
         assert to_dict(cfg)["cube"]["steps"] >= cfg.cube.depth - 1
 

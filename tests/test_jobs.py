@@ -35,7 +35,7 @@ def job_run(ray_cluster, job_env, qa_sample, tmp_path_factory):
     run = tmp_path_factory.mktemp("jobs") / "job-run"
     proc = submit(ray_cluster, job_env, "jobs.train", "--data", str(qa_sample), "--output", str(run),
                   "--config", "configs/smoke.yaml", "--set", "optim.epochs=2", "--set", "workers=1")
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "succeeded" in proc.stdout + proc.stderr
     return run
 
@@ -58,7 +58,7 @@ def test_eval_and_analyze_jobs_on_that_run(ray_cluster, job_env, job_run):
 def test_embed_job(ray_cluster, job_env, tmp_path):
     out = tmp_path / "store"
     proc = submit(ray_cluster, job_env, "jobs.embed", "tests/data/tiny.jsonl", "--output", str(out))
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert store.read_all(out).num_rows == 16  # 8 questions + 8 answers
 
 
@@ -85,7 +85,7 @@ def test_tune_job(ray_cluster, job_env, qa_sample, tmp_path):
         "--set",
         "optim.epochs=2",
     )
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     for name in ("results.csv", "best_config.yaml", "best/model/model.safetensors", "pareto.png"):
         assert (out / name).exists(), name
 
@@ -154,6 +154,10 @@ def test_serve_deploy_with_the_shipped_config(ray_cluster, job_run, tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = [str(BIN / "serve")]
+    # Serve keeps the HTTP options it started with: one left running on the shared cluster would
+    # ignore this config's port
+    subprocess.run(serve + ["shutdown", "-y", "--address", ray_cluster.dashboard], env=ray_cluster.env,
+                   capture_output=True, timeout=120)
     proc = subprocess.run(serve + ["deploy", str(path), "--address", ray_cluster.dashboard], env=ray_cluster.env,
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -165,7 +169,10 @@ def test_serve_deploy_with_the_shipped_config(ray_cluster, job_run, tmp_path):
                     break
             except requests.RequestException:  # not up yet, or still loading the model
                 pass
-            assert time.time() < deadline, "the deployed app never became healthy"
+            if time.time() > deadline:
+                status = subprocess.run(serve + ["status", "--address", ray_cluster.dashboard], env=ray_cluster.env,
+                                        capture_output=True, text=True, timeout=60)
+                raise AssertionError(f"the deployed app never became healthy:\n{status.stdout}{status.stderr}")
             time.sleep(1)
         r = requests.post(f"http://127.0.0.1:{port}/v1/answer", json={"question": "Why is the sky blue?"}, timeout=60)
         assert r.status_code == 200 and r.json()["answer"]

@@ -161,7 +161,7 @@ def test_train_job_from_a_parquet_uri_spreads_its_workers_and_writes_to_a_uri(mu
     target = tmp_path / "bucket" / "run"
     proc = submit_job(multinode, job_env, "jobs.train", "--data", f"file://{source}", "--output", f"file://{target}",
                       *TRAIN, "--set", "optim.epochs=2")
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     for name in ("model/model.safetensors", "eval.json", "metrics.csv", "curves.png", "split.json", "bank.json",
                  "ray.log"):
         assert (target / name).is_file(), name
