@@ -40,7 +40,10 @@ def test_the_gpu_script_runs_every_section_on_the_cpu(ray_cluster, qa_sample, tm
     train = result["train"]
     assert train["epochs"] == 2 and train["samples_per_s_ray"] > 0 and train["samples_per_s_without_ray"] > 0
     assert train["resume_returncode"] == 0 and train["resumed_from"] >= 1 and train["resume_epochs"] == [1, 2, 3]
-    assert result["ingest"]["stream_samples_per_s"] > 0 and result["ingest"]["ratio"] > 0.1
+    # 4,000 rows time Ray Data's start-up, not its throughput: the ratio's target (0.9) is
+    # bench/stream_throughput's, at 100k rows; here both paths must have trained on the rows
+    ingest = result["ingest"]
+    assert ingest["rows"] == 4_000 and ingest["stream_samples_per_s"] > 0 and ingest["memory_samples_per_s"] > 0
     tune = result["tune"]
     assert tune["packed"]["returncode"] == 0 and tune["whole"]["returncode"] == 0 and not tune["packed"]["errored"]
     for placement in result["serve"].values():

@@ -273,7 +273,9 @@ def test_a_bad_job_is_failed_with_one_readable_line(multinode, job_env, args, me
     job_id = submit_async(multinode, job_env, *args)
     assert wait_job(client, job_id, timeout=180) == JobStatus.FAILED
     logs = client.get_job_logs(job_id)
-    assert message in logs.strip().splitlines()[-1], logs[-3000:]
+    # the error is the job's last line of its own; Ray may append a line of its own after it on a
+    # loaded machine (a raylet notice), so the last three are searched
+    assert any(message in line for line in logs.strip().splitlines()[-3:]), logs[-3000:]
     assert "Traceback" not in logs, logs[-3000:]
 
 
