@@ -312,9 +312,10 @@ def trial_table(results, space: list[Param], max_t: int) -> pd.DataFrame:
         row["error"] = _error_line(result.error)
         row["_result"] = result
         rows.append(row)
-    columns = ["trial_id", *(p.key for p in space), "val_mrr", "val_recall_at_1", "val_cos", "best_epoch",
-               "epochs_run", "trial_epochs", "status", "error", "_result"]
-    return pd.DataFrame(rows, columns=columns)  # every column, though no trial reported a metric
+    table = pd.DataFrame(rows)
+    # the metric columns exist though no trial reported one (then every trial errored or never ran)
+    return table.assign(**{c: math.nan for c in ("val_mrr", "val_recall_at_1", "val_cos", "best_epoch")
+                           if c not in table})
 
 
 def best_checkpoint_dir(result) -> Any:
