@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cube.config import from_dict, save_config, to_dict
 from cube.data.bank import write_bank_from_split
-from cube.data.qa import DataError
+from cube.data.qa import DataError, Source
 from cube.data.rundir import RunDir, write_json
 from cube.data.split import SplitData, filesystem
 from cube.data.storage import Storage
@@ -337,6 +337,7 @@ def train(data_path: str | Path | None, target: str | Path, cfg: TrainConfig | N
         if store.exists("config.yaml"):
             raise RunError(f"{store} already holds a run; pass --resume {store} to continue it, "
                            "or choose another --output")
+        Source.of(data_path)  # a missing or unreadable input is named before the cluster is asked for anything
         store.reset()
         ensure_ray()
         check_resources(cfg)  # before the data is read, embedded and split
