@@ -5,8 +5,9 @@ and faiss IVF, side by side on one Ray Serve app.
 
 For each size, a copy of the run's small files (model, config, teacher) gets a synthetic bank:
 the run's own answers plus random answers around them (its teacher's dimension), written as the
-run's bank artefact. The app is deployed with configs/serve_laptop.yaml and search exact, then
-ivf; `--requests` sequential questions (the run's held-out ones) measure the p50 and p99 of
+run's bank artefact, and its IVF index is built once beside it, as training does with
+`bank_index.kind=ivf` (timed). The app is deployed with configs/serve_laptop.yaml and search exact,
+then ivf (the replica loads that index); `--requests` sequential questions (the run's held-out ones) measure the p50 and p99 of
 /v1/answer, and in process the IVF's recall@10 against exact search on the same questions.
 """
 
@@ -55,6 +56,17 @@ def make_run(run: Path, size: int, into: Path) -> Path:
     return copy
 
 
+def build_index(run: Path) -> float:
+    """Seconds to build and save the bank's IVF index once, as training's bank_index.kind=ivf does."""
+    from cube.data.bank import AnswerBank, SearchConfig
+    from cube.train.checkpoint import load_checkpoint
+
+    t0 = time.perf_counter()
+    model, _ = load_checkpoint(run / "model")
+    AnswerBank.read(str(run / "bank"), model.a_mean).write_index(str(run / "bank"), SearchConfig(kind="ivf"))
+    return time.perf_counter() - t0
+
+
 def p50(url: str, questions: list[str], n: int) -> tuple[float, float]:
     times = []
     for i in range(n):
@@ -77,7 +89,7 @@ def recall_at_10(run: Path, questions: list[str], kind: str) -> float:
     vectors = load_teacher(loaded.teacher).embed(questions).vectors
     pred = predict(loaded.model, torch.from_numpy(vectors))
     exact = [{a.answer for a in row} for row in loaded.bank.top(pred, 10)]
-    loaded.bank.index_with(SearchConfig(kind=kind))
+    loaded.bank.index_with(SearchConfig(kind=kind), prebuilt=str(run / "bank"))
     approx = [{a.answer for a in row} for row in loaded.bank.top(pred, 10)]
     return float(np.mean([len(e & a) / 10 for e, a in zip(exact, approx)]))
 
@@ -100,6 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.run.parent) as tmp:
         for size in args.sizes:
             run = make_run(args.run, size, Path(tmp))
+            index_s = build_index(run)
             for kind in ("exact", "ivf"):
                 t0 = time.perf_counter()
                 url = start(run, port=args.port, config=laptop, overrides=[f"search.kind={kind}"])
@@ -111,6 +124,7 @@ def main() -> None:
                 row = {"bank": size, "search": kind, "p50_ms": round(mid, 1), "p99_ms": round(tail, 1),
                        "start_s": round(up, 1)}
                 if kind == "ivf":
+                    row["index_build_s"] = round(index_s, 1)
                     row["recall_at_10_vs_exact"] = round(recall_at_10(run, questions, kind), 3)
                 print(json.dumps(row), flush=True)
             shutil.rmtree(run)

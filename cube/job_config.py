@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cube.data.bank import SearchConfig
 from cube.data.qa import DataConfig
 from cube.eval.baselines import parse_baselines
 from cube.model import CubeConfig
@@ -98,6 +99,9 @@ class TrainConfig:
     # always against the whole test pool; 0 = all. Ranking is exact, in blocks.
     eval_questions: int = 20_000
     bank_dtype: Literal["float32", "float16"] = "float32"  # the served answer bank's vectors (RUN/bank)
+    # An approximate index built once beside the bank (ivf, for banks of about a million answers,
+    # where exact search costs hundreds of ms a batch); Serve's `search.kind=ivf` loads it.
+    bank_index: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         if self.baseline_seeds < 1:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cube.config import from_dict, save_config, to_dict
-from cube.data.bank import write_bank_from_split
+from cube.data.bank import AnswerBank, write_bank_from_split
 from cube.data.qa import DataError, Source
 from cube.data.rundir import RunDir, write_json
 from cube.data.split import SplitData, filesystem
@@ -308,6 +308,11 @@ def write_bank(run: RunDir, storage: Storage) -> None:
     rows = write_bank_from_split(run.split(), target, cfg.bank_dtype)
     run.write_bank_info(target, rows, cfg.bank_dtype)
     log.info("answer bank: %s distinct answers → %s", f"{rows:,}", target)
+    if cfg.bank_index.kind != "exact":
+        model, _ = load_checkpoint(run.model_dir)  # the index's keys are centred by the model's answer mean
+        size = AnswerBank.read(target, model.a_mean).write_index(target, cfg.bank_index, seed=cfg.seed)
+        log.info("%s index of the bank: %.1f MB → %s", cfg.bank_index.kind, size / 1e6, target)
+        trim_heap()
 
 
 def train(data_path: str | Path | None, target: str | Path, cfg: TrainConfig | None, resume: bool = False) -> dict:

@@ -91,7 +91,7 @@ class LoadedRun:
             self.model, self.checkpoint = load_checkpoint(run.model_dir, expected_teacher=self.teacher.identity())
             self.model.to(device)
             self.bank, self.extra_answers = load_bank(run, self.model.a_mean, answers, store_folder)
-            self.bank.index_with(search)
+            self.bank.index_with(search, prebuilt=run.bank_root())  # the run's saved index where it fits
             self.search = search
             self.version = f"{self.name}@{file_digest(run.model_dir / 'model.safetensors')}"
             self.held_out = held_out_summary(run)

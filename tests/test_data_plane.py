@@ -212,6 +212,41 @@ def test_an_ivf_index_finds_what_exact_search_finds():
         SearchConfig(kind="hnsw")
 
 
+def test_an_ivf_index_saved_beside_the_bank_is_loaded_only_for_that_bank(tmp_path, caplog):
+    """Training saves the index once (bank_index.kind=ivf); a replica loads it, with no build and the
+    same answers as a fresh build, and builds its own, saying why, when the bank it serves differs
+    (extra answers at start) or the lists asked for differ."""
+    import logging
+
+    from cube.data.bank import INDEX_FILE, BankWriter, SearchConfig
+
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(3000, 16)).astype(np.float32)
+    texts = [f"a{i}" for i in range(3000)]
+    writer = BankWriter(str(tmp_path / "bank"))
+    writer.add(texts, vecs)
+    writer.close()
+    a_mean = torch.from_numpy(vecs.mean(0))
+    search = SearchConfig(kind="ivf", probes=4)
+    assert AnswerBank.read(str(tmp_path / "bank"), a_mean).write_index(str(tmp_path / "bank"), search) > 0
+    assert (tmp_path / "bank" / INDEX_FILE).is_file()
+    bank = AnswerBank.read(str(tmp_path / "bank"), a_mean)  # the index files are not read as parts
+    assert len(bank) == 3000
+    pred = torch.from_numpy(vecs[:50] - vecs.mean(0))
+    with caplog.at_level(logging.WARNING, logger="cube.bank"):
+        loaded = bank.index_with(search, prebuilt=str(tmp_path / "bank"))
+    assert not caplog.records, caplog.text  # loaded, not built
+    fresh = AnswerBank(texts, vecs, a_mean).index_with(search)
+    assert [[a.answer for a in r] for r in loaded.top(pred, 5)] == [[a.answer for a in r] for r in fresh.top(pred, 5)]
+    for other, why in ((bank.extended(["new"], vecs[:1] + 1), "3001"),
+                       (AnswerBank.read(str(tmp_path / "bank"), a_mean), "'lists': 7")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cube.bank"):
+            other.index_with(SearchConfig(kind="ivf", lists=7 if why.startswith("'lists'") else 0),
+                             prebuilt=str(tmp_path / "bank"))
+        assert "building an IVF index" in caplog.text and why in caplog.text, caplog.text
+
+
 def test_vectors_of_a_sliced_column_are_its_own_rows():
     """A record batch read from Parquet holds slices of larger arrays: their vectors must be the
     slice's rows (a fixed-size list's .values is the whole parent's)."""

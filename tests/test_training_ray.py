@@ -105,10 +105,13 @@ def test_an_absurd_learning_rate_stops_with_one_line_and_claims_nothing(ray_clus
     assert not (tmp_path / "run" / "eval.json").exists() and not (tmp_path / "run" / "model").exists()
 
 
-def test_bring_your_own_embeddings_round_trip(ray_cluster, qa_sample, tmp_path):
+def test_bring_your_own_embeddings_round_trip(ray_cluster, qa_sample, tmp_path, caplog):
     """A Parquet file that carries its vectors trains without any teacher embedding it; the
     teacher named in the config then embeds new questions for `cube eval --data`, and one whose
-    dimension does not match is a clear error."""
+    dimension does not match is a clear error. The run also saves an IVF index beside its bank
+    (bank_index.kind=ivf), which a served copy loads instead of building its own."""
+    import logging
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -129,9 +132,20 @@ def test_bring_your_own_embeddings_round_trip(ray_cluster, qa_sample, tmp_path):
                                  "question_embedding": col(qv), "answer_embedding": col(av)}), path)
 
     byo(tmp_path / "mine.parquet", q, a)
-    cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", ["optim.epochs=2", "workers=1"])
+    cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml",
+                      ["optim.epochs=2", "workers=1", "bank_index.kind=ivf"])
     report = train(tmp_path / "mine.parquet", tmp_path / "run", cfg)
     assert report["cube"]["mrr"] > report["baselines"]["mean_answer"]["mrr"] + 0.3
+
+    from cube.data.bank import SearchConfig
+    from serve.pipeline import LoadedRun
+
+    with caplog.at_level(logging.WARNING, logger="cube.bank"):
+        served = LoadedRun(tmp_path / "run", search=SearchConfig(kind="ivf"))
+    assert served.bank.index is not None and "building an IVF index" not in caplog.text, caplog.text
+    exact = LoadedRun(tmp_path / "run")  # the probes (32) cover the sample bank's 12 lists: the same answers
+    texts = lambda run: [[a["answer"] for a in r["answers"]] for r in run.answer(q[:8], [3] * 8)]  # noqa: E731
+    assert texts(served) == texts(exact)
     tiny = held_out_file(RunDir(tmp_path / "run"), ROOT / "tests" / "data" / "tiny.jsonl")
     assert tiny.q.shape[1] == 384
 

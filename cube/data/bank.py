@@ -5,11 +5,19 @@
 Written once at the end of training from the split dataset (every distinct answer of every
 split), streamed; read by each Serve replica from the run's path or URI, with no copy of the run.
 One matrix of raw vectors serves both searches: the cube's (in its centred space) and the
-identity baseline's (raw), through per-answer norms. Search is exact top-k, in blocks.
+identity baseline's (raw), through per-answer norms. Search is exact top-k, in blocks, or
+through a faiss IVF index that training builds once beside the bank:
+
+    RUN/bank/_ivf.faiss, _ivf.json   the index and what it was built for ('_': Parquet skips them)
+
+A replica loads that index when it fits the bank it serves (rows, lists, answer mean), and
+otherwise builds its own, saying so in the log: at a million answers that takes minutes.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -23,9 +31,11 @@ import torch.nn.functional as F
 from cube.data.qa import SPLITS, text_hash
 from cube.data.split import SplitData, filesystem, vectors
 
+log = logging.getLogger("cube.bank")
 ROWS_PER_PART = 100_000
 DTYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(), np.float16)}
 SEARCH_BLOCK = 262_144  # answers scored at once per query batch: bounds the score matrix
+INDEX_FILE, INDEX_INFO = "_ivf.faiss", "_ivf.json"  # beside the bank's parts; discovery skips '_' files
 
 
 class BankError(RuntimeError):
@@ -49,6 +59,18 @@ class SearchConfig:
             raise ValueError(f"search.kind must be exact or ivf, got {self.kind!r}")
         if self.lists < 0 or self.probes < 1:
             raise ValueError(f"search.lists must be >= 0 and search.probes >= 1, got {self.lists}, {self.probes}")
+
+    def lists_for(self, answers: int) -> int:
+        """IVF cells for a bank of `answers`: `lists`, or 4·√answers with at least 39 answers a cell."""
+        return self.lists or max(1, min(answers // 39, int(4 * answers**0.5)))
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise BankError("search.kind=ivf needs faiss: pip install -e '.[ann]' (faiss-cpu)") from None
+    return faiss
 
 
 @dataclass
@@ -131,28 +153,67 @@ class AnswerBank:
         self.centred_norm = torch.cat(centred_norm).clamp_min(1e-12)
         self.index = None  # a faiss index of the centred keys, once `index_with` builds one
 
-    def index_with(self, search: SearchConfig, seed: int = 0) -> AnswerBank:
-        """Build the approximate index `search` asks for (nothing for exact search); returns self.
+    def index_with(self, search: SearchConfig, seed: int = 0, prebuilt: str | None = None) -> AnswerBank:
+        """Set up the search `search` asks for; returns self. For `ivf`: the index saved at
+        `prebuilt` (a bank folder, see write_index) when it was built for this bank, else one
+        built here, which the log names (at a million answers it takes minutes on a few cores).
 
         Raises:
             BankError: faiss is not installed."""
         if search.kind == "exact":
             self.index = None
             return self
-        try:
-            import faiss
-        except ImportError:
-            raise BankError("search.kind=ivf needs faiss: pip install -e '.[ann]' (faiss-cpu)") from None
+        faiss = _faiss()
+        lists = search.lists_for(len(self))
+        index, why = self._read_index(prebuilt, lists) if prebuilt else (None, "no bank folder given")
+        if index is None:
+            log.warning("building an IVF index of %s answers in this process (%s); `bank_index.kind=ivf` "
+                        "at training builds it once beside the bank", f"{len(self):,}", why)
+            index = self._build_index(faiss, lists, seed)
+        index.nprobe = search.probes
+        self.index = index
+        return self
+
+    def _build_index(self, faiss, lists: int, seed: int):
         dim, n = self.vectors.shape[1], len(self.texts)
-        lists = search.lists or max(1, min(n // 39, int(4 * n**0.5)))  # faiss wants >= 39 points a cell
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
         sample = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, 256 * lists)]
         index.train(self._keys(sample).numpy())
         for start in range(0, n, SEARCH_BLOCK):
             index.add(self._keys(torch.arange(start, min(n, start + SEARCH_BLOCK))).numpy())
-        index.nprobe = search.probes
-        self.index = index
-        return self
+        return index
+
+    def _fingerprint(self, lists: int) -> dict:
+        """What a saved index must match: the answers it holds and the centring of its keys."""
+        return {"rows": len(self), "lists": lists, "a_mean_sum": round(float(self.a_mean.double().sum()), 6),
+                "dim": int(self.vectors.shape[1])}
+
+    def write_index(self, target: str, search: SearchConfig, seed: int = 0) -> int:
+        """Build the IVF index of `search` and save it into the bank folder `target` (path or
+        URI), where `index_with(prebuilt=target)` finds it; returns its size in bytes."""
+        faiss = _faiss()
+        lists = search.lists_for(len(self))
+        data = faiss.serialize_index(self._build_index(faiss, lists, seed))
+        fs, path = filesystem(target)
+        with fs.open_output_stream(f"{path}/{INDEX_FILE}") as f:
+            f.write(data.tobytes())
+        with fs.open_output_stream(f"{path}/{INDEX_INFO}") as f:
+            f.write(json.dumps(self._fingerprint(lists)).encode())
+        return int(data.nbytes)
+
+    def _read_index(self, target: str, lists: int):
+        """(index, None) when `target` holds one built for this bank, else (None, why not)."""
+        fs, path = filesystem(target)
+        try:
+            with fs.open_input_stream(f"{path}/{INDEX_INFO}") as f:
+                saved = json.loads(f.read())
+        except (FileNotFoundError, OSError):
+            return None, f"none saved in {target}"
+        if saved != self._fingerprint(lists):
+            return None, f"the saved one was built for {saved}, this bank is {self._fingerprint(lists)}"
+        with fs.open_input_stream(f"{path}/{INDEX_FILE}") as f:
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+        return _faiss().deserialize_index(data), None
 
     def _keys(self, rows: torch.Tensor) -> torch.Tensor:
         """Centred, normalised float32 keys of `rows` (what the cube's search compares with)."""
