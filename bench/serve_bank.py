@@ -8,7 +8,8 @@ the run's own answers plus random answers around them (its teacher's dimension),
 run's bank artefact, and its IVF index is built once beside it, as training does with
 `bank_index.kind=ivf` (timed). The app is deployed with configs/serve_laptop.yaml and search exact,
 then ivf (the replica loads that index); `--requests` sequential questions (the run's held-out
-ones) measure the p50 and p99 of /v1/answer, and in process the IVF's recall@10 against exact search on the same questions.
+ones) measure the p50 and p99 of /v1/answer, and in process the IVF's recall@10 against exact
+search on the same questions.
 """
 
 from __future__ import annotations
