@@ -144,15 +144,25 @@ def qa_sample(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smoke_run(ray_cluster, qa_sample, tmp_path_factory):
-    """One undisturbed 2-worker training run on the sample, shared by the integration tests."""
-    from cube.config import load_config
-    from cube.job_config import TrainConfig
-    from jobs.trainer import train
+def demo(ray_cluster, qa_sample, tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """(run, report, process) of `cube demo` on the sample with the smoke config: it trains one
+    undisturbed 2-worker run, evaluates it and asks it three questions over HTTP. That run is the
+    integration tests' shared one, and its console is what tests/test_demo.py reads."""
+    import json
 
     run = tmp_path_factory.mktemp("runs") / "smoke"
-    report = train(qa_sample, run, load_config(TrainConfig, ROOT / "configs" / "smoke.yaml", SMOKE_OVERRIDES))
-    return run, report
+    proc = subprocess.run([sys.executable, "-m", "jobs.demo", "--data", str(qa_sample), "--output", str(run),
+                           "--port", str(free_port()), "--config", "configs/smoke.yaml",
+                           *[a for o in SMOKE_OVERRIDES for a in ("--set", o)]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, json.loads((run / "eval.json").read_text()), proc
+
+
+@pytest.fixture(scope="session")
+def smoke_run(demo) -> tuple[Path, dict]:
+    """(run, report): the demo's run, shared by the integration tests."""
+    return demo[0], demo[1]
 
 
 def assert_shards_cover_the_training_split(run, metrics) -> None:

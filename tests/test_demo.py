@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.ray
 
 
-def test_demo_console_is_short_and_free_of_warnings(ray_cluster, qa_sample, tmp_path):
-    out = tmp_path / "demo"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.demo",
-            "--data",
-            str(qa_sample),
-            "--output",
-            str(out),
-            "--port",
-            str(free_port()),
-            "--config",
-            "configs/smoke.yaml",
-            "--set",
-            "optim.epochs=2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+def test_demo_console_is_short_and_free_of_warnings(demo):
+    """`cube demo` on the sample with the smoke config (conftest's shared run)."""
+    out, _, proc = demo
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the lines a terminal shows: a progress bar redraws its line with \r
     console = [line.rsplit("\r", 1)[-1] for line in (proc.stdout + proc.stderr).rstrip("\n").split("\n")]

@@ -30,7 +30,7 @@ def test_the_gpu_script_runs_every_section_on_the_cpu(ray_cluster, qa_sample, tm
                              "answer_embedding": col(teacher.embed(pairs["answer"].tolist()).vectors)}), data)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_ray", "--data", str(data), "--device", "cpu", "--quick",
-                           "--epochs", "2", "--trials", "2", "--requests", "24", "--port", str(free_port()),
+                           "--epochs", "2", "--trials", "1", "--requests", "24", "--port", str(free_port()),
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}

@@ -1,7 +1,7 @@
 """Integration tier: the real pipeline on the shared Ray cluster, with the real MiniLM teacher.
 
-Embedding (Ray Data) → training (2-worker Ray Train, gloo) → `cube eval --json` → Ray Serve
-over real HTTP. The trained run is made once per module and shared by the tests below.
+Embedding (Ray Data) → training (2-worker Ray Train, gloo) → `cube eval --json` → `cube analyze`.
+The trained run is the suite's shared one (conftest's `demo`); serving it is tests/test_serve.py's.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import requests
-from conftest import ROOT, assert_shards_cover_the_training_split, free_port
+from conftest import ROOT, assert_shards_cover_the_training_split
 
 from cube.data import store
-from cube.data.qa import SPLITS, text_hash
+from cube.data.qa import text_hash
 from cube.data.rundir import RunDir
 from cube.teachers import HFTeacher, TeacherConfig
 
@@ -83,41 +82,12 @@ def test_eval_json_shape(trained_run):
 
 
 def test_eval_on_another_file_uses_every_row(trained_run):
-    from cube.data.rundir import RunDir
     from cube.eval.report import evaluate_run
     from jobs.eval import held_out_file
 
     run, _ = trained_run
     report = evaluate_run(run, held_out_file(RunDir(run), ROOT / "tests" / "data" / "tiny.jsonl"))
     assert report["pool_size"] == 8 and report["cube"]["mrr"] > report["chance"]["mrr"]
-
-
-def test_serve_answers_over_http(trained_run):
-    from jobs.serve import start, stop
-
-    run, _ = trained_run
-    url = start(run, port=free_port())
-    try:
-        health = requests.get(f"{url}/healthz", timeout=30)
-        corpus = pd.concat([RunDir(run).split().table(s, ["answer", "a_vec"]).to_pandas() for s in SPLITS])
-        assert health.status_code == 200 and health.json()["bank_size"] == corpus["answer"].nunique()  # every split
-        r = requests.post(f"{url}/v1/answer", json={"question": "Why is the sky blue?"}, timeout=60)
-        assert r.status_code == 200
-        body = r.json()
-        assert "scatter" in body["answer"].lower()  # a sensible answer, not just any bank entry
-        # the score is the cosine between the cube's prediction and that answer, in the centred space
-        pred = np.array(requests.post(f"{url}/v1/predict", json={"question": "Why is the sky blue?"},
-                                      timeout=60).json()["vector"])
-        chosen = corpus.loc[corpus["answer"] == body["answer"], "a_vec"].iloc[0]
-        answer = np.array(chosen) - RunDir(run).moments().a_mean
-        cos = pred @ answer / np.linalg.norm(pred) / np.linalg.norm(answer)
-        assert abs(body["score"] - cos) < 1e-4, (body["score"], cos)
-        for bad in ({"question": ""}, {"question": "   "}, {"question": 42}, {}):
-            r = requests.post(f"{url}/v1/answer", json=bad, timeout=30)
-            assert r.status_code == 422, (bad, r.status_code)
-            assert "question" in r.text
-    finally:
-        stop()
 
 
 def test_analyze_writes_a_report_with_figures(trained_run):

@@ -166,6 +166,13 @@ def test_endpoints(served):
 
     predicted = served.post("/v1/predict", {"question": QUESTION}).json()
     assert predicted["dim"] == 384 == len(predicted["vector"])
+    # /v1/answer's score is the cosine between the cube's prediction and that answer, centred
+    vectors = pd.concat([RunDir(served.run).split().table(s, ["answer", "a_vec"]).to_pandas() for s in SPLITS])
+    chosen = np.array(vectors.loc[vectors["answer"] == body["answer"], "a_vec"].iloc[0])
+    centred = chosen - RunDir(served.run).moments().a_mean
+    pred = np.array(predicted["vector"])
+    cos = pred @ centred / np.linalg.norm(pred) / np.linalg.norm(centred)
+    assert abs(body["score"] - cos) < 1e-4, (body["score"], cos)
 
     trace = served.post("/v1/trace", {"question": QUESTION}).json()
     grids = np.array(trace["layers"])
