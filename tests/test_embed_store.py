@@ -94,7 +94,7 @@ def test_train_end_to_end_with_smollm2(ray_cluster, tmp_path):
     cfg = load_config(
         TrainConfig,
         ROOT / "configs" / "smoke.yaml",
-        ["teacher=smollm2", "optim.batch_size=16", "optim.epochs=1", "workers=1"],
+        ["teacher=smollm2", "optim.batch_size=16", "optim.epochs=1", "workers=1", "baselines=mean_answer"],
     )
     report = train(small, tmp_path / "run", cfg)
     assert report["teacher"]["name"] == "smollm2"

@@ -44,7 +44,8 @@ nodes = {n["NodeID"]: {"alive": n["Alive"], "head": "node:__internal_head__" in 
 actors = [{"cls": a.class_name, "node": a.node_id, "pid": a.pid, "state": a.state} for a in list_actors(limit=10000)]
 print(json.dumps({"nodes": nodes, "actors": actors}))
 """
-TRAIN = ["--config", "configs/smoke.yaml", "--set", "workers=2", "--set", "placement=SPREAD"]
+TRAIN = ["--config", "configs/smoke.yaml", "--set", "workers=2", "--set", "placement=SPREAD",
+         "--set", "baselines=mean_answer"]  # the cube is what these tests compare
 
 
 def cube(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
