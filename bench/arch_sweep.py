@@ -42,6 +42,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mlp_ep24_t05": {"cube.adapter": "mlp", "cube.normalize_input": True, "optim.epochs": 24, "loss.temperature": 0.05},
     # the ablation: the same adapters with the lattice switched off
     "mlp_ep24_off": {"cube.adapter": "mlp", "cube.normalize_input": True, "optim.epochs": 24, "cube.lattice": False},
+    # skip: the lattice adds to a direct map of the question (with the MLP adapter, an MLP)
+    "skip": {"cube.skip": True},
+    "skip_mlp": {"cube.skip": True, "cube.adapter": "mlp", "cube.normalize_input": True},
+    "skip_mlp_off": {"cube.skip": True, "cube.adapter": "mlp", "cube.normalize_input": True, "cube.lattice": False},
     "ep24": {"optim.epochs": 24},
     "temp0.05": {"loss.temperature": 0.05},
     "fire1.0": {"cube.fire_rate": 1.0},

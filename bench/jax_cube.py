@@ -42,9 +42,9 @@ TERMS = ("total", "dialogue", "surface", "internal", "grad_norm")
 def params_from_torch(model: CellularCube) -> dict[str, jnp.ndarray]:
     """The torch cube's weights in JAX layouts: dense (in, out), conv DHWIO."""
     c = model.cfg
-    if (c.perception, c.adapter, c.normalize_input, c.lattice) != ("learned", "linear", False, True):
+    if (c.perception, c.adapter, c.normalize_input, c.lattice, c.skip) != ("learned", "linear", False, True, False):
         raise ValueError("the JAX peer implements the default architecture only: learned perception, "
-                         "linear adapter, normalize_input=False, lattice=True")
+                         "linear adapter, normalize_input=False, lattice=True, skip=False")
     sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     h = model.cfg.hidden
     return {

@@ -130,6 +130,7 @@ class LoadedRun:
             "channels": cfg.channels,
             "steps": cfg.steps,
             "lattice": cfg.lattice,
+            "skip": cfg.skip,
             "max": float(layers.max()),
             "measure": "mean |state| over channels after the last step; layer 0 holds the question, the last is "
             "read out",

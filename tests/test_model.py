@@ -185,3 +185,36 @@ def test_normalize_input_makes_the_prediction_scale_free():
                                     normalize_input=True), 12).eval()
     q = torch.randn(3, 12)
     torch.testing.assert_close(model(q).pred, model(7.0 * q).pred)
+
+
+def test_skip_adds_the_lattice_to_a_direct_map_and_its_ablation_is_the_direct_map_alone():
+    """skip=True: pred = skip(front) + decoder(back) (+ question). Untrained, the back face's
+    decoder is zero, so the cube starts as its own ablation; with the lattice off, the decoder
+    is frozen and the prediction is the direct path alone."""
+    torch.manual_seed(0)
+    cfg = CubeConfig(width=4, height=3, depth=4, channels=4, hidden=8, io_channels=2, steps=4, adapter="mlp",
+                     skip=True)
+    model = CellularCube(cfg, 16).eval()
+    with torch.no_grad():
+        model.skip.weight.normal_(0, 0.1)
+    q = torch.randn(5, 16)
+    front = model.encode_face(q).flatten(1)
+    torch.testing.assert_close(model(q).pred, q + model.skip(front))  # the lattice's share starts at zero
+    with torch.no_grad():
+        model.decoder.weight.normal_(0, 0.1)
+    back = model(q).back.flatten(1)
+    torch.testing.assert_close(model(q).pred, q + model.skip(front) + model.decoder(back))
+    model.train()
+    model(q).pred.pow(2).sum().backward()
+    assert model.rule.perceive.weight.grad.abs().sum() > 0 and model.skip.weight.grad.abs().sum() > 0
+
+    off = CellularCube(dataclasses.replace(cfg, lattice=False), 16).eval()
+    off.load_state_dict(model.state_dict())
+    torch.testing.assert_close(off(q).pred, q + off.skip(front))
+    assert not off.decoder.weight.requires_grad and not any(p.requires_grad for p in off.rule.parameters())
+
+    # which decoders start at zero: the back face's with residual or skip, the skip's with residual
+    plain = CellularCube(dataclasses.replace(cfg, skip=False, residual=False), 16)
+    assert plain.decoder.weight.abs().sum() > 0
+    direct = CellularCube(dataclasses.replace(cfg, residual=False), 16)
+    assert direct.decoder.weight.abs().sum() == 0 and direct.skip.weight.abs().sum() > 0

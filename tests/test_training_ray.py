@@ -71,28 +71,6 @@ def test_resume_after_the_driver_is_killed(ray_cluster, qa_sample, tmp_path, und
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
 
 
-def test_the_lattice_off_ablation_trains_under_ddp(ray_cluster, qa_sample, tmp_path):
-    """Two gloo workers, cube.lattice=false: the frozen rule gets no gradient and DDP must not
-    wait for one. It trains to a finite report, and the rule is exactly as it was built."""
-    import torch
-
-    from cube.config import load_config
-    from cube.job_config import TrainConfig
-    from cube.train.checkpoint import load_checkpoint
-    from cube.train.loop import build_model
-    from jobs.trainer import train
-
-    cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml",
-                      ["cube.lattice=false", "optim.epochs=1", "baselines=mean_answer"])
-    report = train(qa_sample, tmp_path / "run", cfg)
-    assert report["cube"]["nonfinite"] == 0 and report["cube"]["mrr"] > report["baselines"]["mean_answer"]["mrr"]
-    model, _ = load_checkpoint(tmp_path / "run" / "model")
-    fresh = build_model(cfg.cube, model.q_mean, model.a_mean, seed=cfg.seed)
-    for (name, p), q in zip(model.rule.named_parameters(), fresh.rule.parameters()):
-        assert torch.equal(p, q), name
-    assert not torch.equal(model.decoder.weight, fresh.decoder.weight)  # while the adapters trained
-
-
 def test_an_absurd_learning_rate_stops_with_one_line_and_claims_nothing(ray_cluster, qa_sample, tmp_path):
     cmd = [sys.executable, "-m", "jobs.cli", "train", "--data", str(qa_sample), "--output", str(tmp_path / "run"),
            "--config", "configs/smoke.yaml", "--set", "optim.lr=1000000", "--set", "optim.max_lr=1000000",
@@ -107,20 +85,28 @@ def test_an_absurd_learning_rate_stops_with_one_line_and_claims_nothing(ray_clus
     assert not (tmp_path / "run" / "eval.json").exists() and not (tmp_path / "run" / "model").exists()
 
 
-def test_bring_your_own_embeddings_round_trip(ray_cluster, qa_sample, tmp_path, caplog):
+def test_bring_your_own_embeddings_round_trip_with_the_lattice_off_under_ddp(ray_cluster, qa_sample, tmp_path,
+                                                                             caplog):
     """A Parquet file that carries its vectors trains without any teacher embedding it; the
     teacher named in the config then embeds new questions for `cube eval --data`, and one whose
     dimension does not match is a clear error. The run also saves an IVF index beside its bank
-    (bank_index.kind=ivf), which a served copy loads instead of building its own."""
+    (bank_index.kind=ivf), which a served copy loads instead of building its own.
+
+    The same run (one Ray Train start for both) is the lattice-off ablation with skip, on two
+    gloo workers: the frozen rule and back-face decoder get no gradient, and DDP must not wait
+    for one. They end exactly as they were built, while the direct path trained."""
     import logging
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
 
     from cube.config import load_config
     from cube.data.rundir import RunDir
     from cube.job_config import TrainConfig
     from cube.teachers import HFTeacher, TeacherConfig
+    from cube.train.checkpoint import load_checkpoint
+    from cube.train.loop import build_model
     from jobs.eval import held_out_file
     from jobs.trainer import train
 
@@ -135,9 +121,18 @@ def test_bring_your_own_embeddings_round_trip(ray_cluster, qa_sample, tmp_path, 
 
     byo(tmp_path / "mine.parquet", q, a)
     cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml",
-                      ["optim.epochs=2", "workers=1", "bank_index.kind=ivf", "baselines=mean_answer"])
+                      ["optim.epochs=2", "workers=2", "bank_index.kind=ivf", "baselines=mean_answer",
+                       "cube.lattice=false", "cube.skip=true"])
     report = train(tmp_path / "mine.parquet", tmp_path / "run", cfg)
+    assert report["cube"]["nonfinite"] == 0
     assert report["cube"]["mrr"] > report["baselines"]["mean_answer"]["mrr"] + 0.3
+    model, _ = load_checkpoint(tmp_path / "run" / "model")
+    fresh = build_model(cfg.cube, model.q_mean, model.a_mean, seed=cfg.seed)
+    frozen = {f"rule.{k}": v for k, v in fresh.rule.state_dict().items()} | {
+        f"decoder.{k}": v for k, v in fresh.decoder.state_dict().items()}
+    for name, value in frozen.items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert not torch.equal(model.skip.weight, fresh.skip.weight)  # while the direct path trained
 
     from cube.data.bank import SearchConfig
     from serve.pipeline import LoadedRun

@@ -25,6 +25,10 @@ class CubeConfig:
     lattice: bool = (
         True  # False: the decoder reads the front face directly (the ablation that shows what the lattice adds)
     )
+    # A second decoder reads the front face: the prediction is a direct map of the question plus
+    # what the lattice adds at the back face. The lattice then refines rather than carries (with
+    # adapter=mlp, the direct path is an MLP of io_channels*width*height hidden units).
+    skip: bool = False
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "depth", "channels", "hidden", "io_channels", "steps"):

@@ -3,6 +3,7 @@
     question embedding (E) ──encoder──▶ front face (k×H×W), re-injected every step
     lattice state (C×D×H×W) ──T steps of  x ← x + fire_mask · rule(perceive(x))
     back face (k×H×W) ──decoder──▶ predicted answer embedding (E)
+    (skip: + front face ──skip──▶ E, so that the lattice adds to a direct map)
 
 All cells share one rule; the lattice update is a handful of conv3d calls, never a
 per-cell loop. Embeddings are centred with training-split means that live in the model's
@@ -40,13 +41,22 @@ class CellularCube(nn.Module):
         else:
             self.encoder = nn.Linear(embed_dim, k * face)
         self.decoder = nn.Linear(k * face, embed_dim)
-        if cfg.residual:  # start exactly at the identity baseline, then improve on it
-            nn.init.zeros_(self.decoder.weight)
-            nn.init.zeros_(self.decoder.bias)
+        self.skip = nn.Linear(k * face, embed_dim) if cfg.skip else None
+        # residual: start exactly at the identity baseline, then improve on it; skip: start at the
+        # direct path, the lattice's correction at zero
+        zeroed = [self.decoder] if cfg.residual or cfg.skip else []
+        if self.skip is not None and cfg.residual:
+            zeroed.append(self.skip)
+        for layer in zeroed:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         self.rule = UpdateRule(cfg)
         # The ablation keeps the rule (one checkpoint shape for both) but frozen: under DDP a
-        # parameter that never gets a gradient would stall the gradient all-reduce.
+        # parameter that never gets a gradient would stall the gradient all-reduce. With skip,
+        # the ablation is the skip path alone: the back face's decoder stays frozen at zero.
         self.rule.requires_grad_(cfg.lattice)
+        if self.skip is not None:
+            self.decoder.requires_grad_(cfg.lattice)
         # Centring statistics from the training split; set by `set_centering`, saved with the weights.
         self.register_buffer("q_mean", torch.zeros(embed_dim))
         self.register_buffer("a_mean", torch.zeros(embed_dim))
@@ -151,12 +161,19 @@ class CellularCube(nn.Module):
                 x = x * (1 - damage[1].to(x.dtype))
         return x, dx
 
-    def readout(self, q_centred: torch.Tensor, state: torch.Tensor, last_update: torch.Tensor) -> CubeOutput:
-        """Final state → CubeOutput: the back face through the decoder (plus the question if residual)."""
-        return self.decode(q_centred, state[:, : self.cfg.io_channels, -1], last_update)
+    def readout(
+        self, q_centred: torch.Tensor, front: torch.Tensor, state: torch.Tensor, last_update: torch.Tensor,
+    ) -> CubeOutput:
+        """Final state → CubeOutput: the back face through the decoder (plus the front face
+        through the skip, and the question if residual)."""
+        return self.decode(q_centred, front, state[:, : self.cfg.io_channels, -1], last_update)
 
-    def decode(self, q_centred: torch.Tensor, back: torch.Tensor, last_update: torch.Tensor) -> CubeOutput:
-        pred = self.decoder(back.flatten(1))  # back: (B, k, H, W)
+    def decode(
+        self, q_centred: torch.Tensor, front: torch.Tensor, back: torch.Tensor, last_update: torch.Tensor,
+    ) -> CubeOutput:
+        pred = self.decoder(back.flatten(1))  # back, front: (B, k, H, W)
+        if self.skip is not None:
+            pred = pred + self.skip(front.flatten(1))
         if self.cfg.residual:
             pred = pred + self.prepare(q_centred)
         return CubeOutput(pred, back, last_update)
@@ -165,9 +182,10 @@ class CellularCube(nn.Module):
         """(B, E) centred question → CubeOutput with the centred answer prediction."""
         front = self.encode_face(q_centred)
         if not self.cfg.lattice:  # ablation: the same adapters with nothing in between
-            return self.decode(q_centred, front, front.new_zeros(()))
+            back = front if self.skip is None else torch.zeros_like(front)  # with skip: the direct path alone
+            return self.decode(q_centred, front, back, front.new_zeros(()))
         state, dx = self.run_lattice(front, **lattice_kwargs)
-        return self.readout(q_centred, state, dx)
+        return self.readout(q_centred, front, state, dx)
 
     def predict(self, q: torch.Tensor, **lattice_kwargs) -> torch.Tensor:
         """Raw question embeddings (B, E) → centred answer predictions (B, E)."""
