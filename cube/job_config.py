@@ -100,7 +100,8 @@ class TrainConfig:
     eval_questions: int = 20_000
     bank_dtype: Literal["float32", "float16"] = "float32"  # the served answer bank's vectors (RUN/bank)
     # An approximate index built once beside the bank (ivf, for banks of about a million answers,
-    # where exact search costs hundreds of ms a batch); Serve's `search.kind=ivf` loads it.
+    # where exact search costs hundreds of ms a batch); Serve's `search.kind=ivf` loads it. Its
+    # `probes` are a query-time setting: training ignores them, Serve's `search.probes` decides.
     bank_index: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:

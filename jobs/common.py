@@ -97,6 +97,10 @@ RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 _verbose = False
 
 
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+DRIVER_MMAP_THRESHOLD = 2**20  # blocks at least this large are mapped, and unmapped when freed
+
+
 def use_system_allocator() -> None:
     """Arrow's default allocator (jemalloc) keeps what a process freed; a driver that streams
     millions of vectors through it (validation, the means, the baselines' normal equations)
@@ -107,6 +111,12 @@ def use_system_allocator() -> None:
 
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     pa.set_memory_pool(pa.system_memory_pool())
+    if sys.platform.startswith("linux"):
+        # glibc serves blocks of up to 32 MB from its heap once a few were freed (its dynamic
+        # mmap threshold), and a heap keeps what it held: an evaluation on a 100k-pair split left
+        # the driver at 1.35 GB after it, 0.69 GB with this. Not for training processes: there
+        # the lattice's per-step activations would be mapped and unmapped every step.
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, DRIVER_MMAP_THRESHOLD)
 
 
 def trim_heap() -> None:

@@ -28,6 +28,7 @@ from jobs.stages import LIGHT, PairRows, read_source, read_tasks
 log = logging.getLogger("cube.data")
 ROWS_PER_TASK = 8_192  # rows a PairRows call handles: one filtered store scan each (teacher path)
 MIN_ROWS_PER_FILE = 50_000  # fewer, larger split files
+SPLIT_OBJECT_STORE = 256 * 2**20  # bytes of blocks in flight while the split is written (at least 4 blocks)
 
 
 @dataclass
@@ -83,6 +84,11 @@ def prepare_split(data: str, cfg: TrainConfig, split_root: str) -> Prepared:
         PairRows.apply, fn_kwargs={"data": _plain(cfg.data), "plan": ray.put(plan), "dim": dim,
                                    "store_folder": str(folder) if folder else None},
         batch_format="pyarrow", batch_size=ROWS_PER_TASK, concurrency=read_tasks(cfg.pipeline), **LIGHT)
+    # Bounded: a few blocks in flight rather than Ray Data's share of the node's object store,
+    # whose shared-memory pages stay resident once touched, for as long as Ray runs.
+    limits = rows.context.execution_options.resource_limits
+    in_flight = max(SPLIT_OBJECT_STORE, 4 * ROWS_PER_TASK * (8 * dim + 512))
+    rows.context.execution_options.resource_limits = limits.copy(object_store_memory=in_flight)
     try:
         rows.write_parquet(split_root if "://" in split_root else path, filesystem=fs, partition_cols=["split"],
                            min_rows_per_file=MIN_ROWS_PER_FILE, ray_remote_args=LIGHT)
@@ -92,6 +98,8 @@ def prepare_split(data: str, cfg: TrainConfig, split_root: str) -> Prepared:
         if cause is not None:
             raise cause from None
         raise
+    finally:
+        rows.context.execution_options.resource_limits = limits
     split = SplitData(split_root)
     written = {name: split.count(name) for name in SPLITS}
     if written != counts:

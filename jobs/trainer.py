@@ -57,25 +57,32 @@ class ShardEpochs:
     seeded by (seed, epoch), `steps` full batches as (q, a) tensors. The rest of the epoch's
     stream is drained, so that the next epoch starts clean, and counted: `seen[epoch]` is
     (rows streamed, the sum of their question vectors), which the worker reports, so that the
-    shards can be checked to cover every row once."""
+    shards can be checked to cover every row once.
 
-    def __init__(self, shard: Any, batch_size: int, steps: int, seed: int, buffer: int) -> None:
+    Ray Data hands over `read_batches` training batches at a time, already shuffled, which are
+    then cut into training batches: its cost per batch (Arrow to torch, the shuffle buffer) is
+    paid once per chunk, not once per step of a small cube."""
+
+    def __init__(self, shard: Any, batch_size: int, steps: int, seed: int, buffer: int, read_batches: int = 64) -> None:
         self.shard, self.batch_size, self.steps, self.seed, self.buffer = shard, batch_size, steps, seed, buffer
+        self.read_batches = read_batches
         self.seen: dict[int, tuple[int, float]] = {}
 
     def __call__(self, epoch: int):
-        rows, total, taken = 0, 0.0, 0
-        batches = self.shard.iter_torch_batches(
-            batch_size=self.batch_size, drop_last=False, dtypes=torch.float32,
-            local_shuffle_buffer_size=self.buffer or None,
+        rows, total, taken, size = 0, 0.0, 0, self.batch_size
+        chunks = self.shard.iter_torch_batches(
+            batch_size=size * self.read_batches, drop_last=False, dtypes=torch.float32,
+            local_shuffle_buffer_size=max(self.buffer, size * self.read_batches) if self.buffer else None,
             local_shuffle_seed=self.seed * 100_003 + epoch if self.buffer else None)
-        for batch in batches:
-            q, a = batch["q_vec"], batch["a_vec"]
+        for chunk in chunks:
+            q, a = chunk["q_vec"], chunk["a_vec"]
             rows += len(q)
             total = total + q.double().sum()  # a device tensor: no sync per batch
-            if taken < self.steps and len(q) == self.batch_size:
+            for start in range(0, len(q) - size + 1, size):  # full batches only; a chunk's tail ends the epoch
+                if taken == self.steps:
+                    break
                 taken += 1
-                yield q, a
+                yield q[start : start + size], a[start : start + size]
         self.seen[epoch] = (rows, float(total))
 
 
