@@ -14,6 +14,7 @@ from typing import Literal
 
 from cube.data.bank import SearchConfig
 from cube.data.qa import DataConfig
+from cube.decoder.model import DecoderConfig
 from cube.eval.baselines import parse_baselines
 from cube.model import CubeConfig
 from cube.teachers.base import TeacherConfig
@@ -157,3 +158,29 @@ class TuneConfig:
             )
         if self.robustness_seeds < 0 or self.max_failures < 0:
             raise ValueError("robustness_seeds and max_failures must be >= 0")
+
+
+@dataclass(frozen=True)
+class DecoderJobConfig:
+    """`cube decoder`: a run's answer writer, trained by reconstruction (cube/decoder/model.py)."""
+
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    epochs: int = 3
+    batch_size: int = 16  # answers per worker per step
+    lr: float = 1e-3  # AdamW, linear warm-up then cosine decay
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    max_failures: int = 1  # worker-group restarts from the last checkpoint
+    seed: int = 0
+    max_answers: int = 0  # train on this many training pairs (the first of the split); 0 = all
+    val_answers: int = 64  # validation answers whose loss is measured after every epoch
+    threads: int = 0  # torch threads per worker; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "workers", "val_answers"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.max_answers < 0 or self.threads < 0:
+            raise ValueError("lr must be > 0; warmup_steps, max_answers and threads must be >= 0")

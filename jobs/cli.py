@@ -11,6 +11,7 @@ COMMANDS = {
     "embed": "embed a Q&A file into a resumable Parquet embedding store (Ray Data)",
     "train": "train the cube on a Q&A file with Ray Train, then evaluate it",
     "tune": "search cube sizes and NCA/training settings with Ray Tune + Optuna",
+    "decoder": "train a run's answer writer: a language model that writes text from an embedding",
     "eval": "compare a trained run with the baselines on held-out pairs",
     "serve": "answer questions over HTTP with Ray Serve",
     "analyze": "emergent-pattern report of a trained run (activity, structure, ablations, damage)",

@@ -2,11 +2,18 @@
 
     python -m jobs.eval --run runs/demo                 # the run's own test split
     python -m jobs.eval --run runs/demo --data new.jsonl --json   # every row of another file
+    python -m jobs.eval --run runs/demo --generate      # + the generation table (after `cube decoder`)
 
 Prints a table (or JSON with --json) of cosine, recall@1, recall@5 and MRR for the cube and
 for identity, mean answer, ridge and MLP baselines (raw and centred; the MLP as the mean of 3
 seeds), with the pool size and chance level, then five held-out examples. Every question is
 ranked against the distinct answers of the evaluated pairs.
+
+With --generate (a run with a trained decoder, `cube decoder --run RUN`), it also writes text for
+a sample of test questions from the true answer's embedding, the cube's prediction and the
+strongest baseline's, beside the LM's own chat answer and retrieval, scores each (ROUGE-L,
+teacher cosine, recall@1 of the text, tokens/s; cube/decoder/generation.py) and saves the
+table as RUN/generation.json.
 """
 
 from __future__ import annotations
@@ -50,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder written by `cube train`: a path or a storage URI")
     p.add_argument("--data", help="evaluate on every row of this Q&A file instead of the run's test split")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--generate", action="store_true",
+                   help="also score answer generation (needs RUN/decoder from `cube decoder`); "
+                        "writes RUN/generation.json")
+    p.add_argument("--generate-questions", type=int, default=64, metavar="N",
+                   help="test questions to write answers for (a seeded sample; default 64: about 10 min on 2 CPU cores "
+                        "with SmolLM2)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens each generated answer may have (default 64)")
+    p.add_argument("--no-chat", action="store_true", help="leave the LM's own chat answers out of the table")
     add_verbose_flag(p)
     return p
 
@@ -65,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
             run.require("model")
             report = evaluate_run(path, held_out_file(run, args.data), source=f"{args.data} (all rows)")
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.generate:
+        from cube.data.rundir import write_json
+        from cube.decoder.generation import format_generation, generation_report
+
+        if args.data is not None or "://" in args.run:
+            raise SystemExit("--generate scores the run's own test split in a local run folder; drop --data")
+        if args.generate_questions < 1 or not 1 <= args.max_new_tokens <= 1024:
+            raise SystemExit("--generate-questions must be >= 1 and --max-new-tokens in [1, 1024]")
+        table = generation_report(args.run, args.generate_questions, args.max_new_tokens, chat=not args.no_chat)
+        write_json(Path(args.run) / "generation.json", table)
+        print(json.dumps(table, indent=2) if args.json else "\n" + format_generation(table))
     return 0
 
 

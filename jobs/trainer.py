@@ -243,11 +243,12 @@ def trainer_for(run: RunDir, cfg: TrainConfig, storage: str, callbacks: list | N
 
 
 class EpochBar:
-    """An epoch progress bar with the running validation MRR, fed by the metrics.csv that the
+    """An epoch progress bar with the running validation metric, fed by the metrics.csv that the
     Train controller writes (the driver itself only waits in `trainer.fit()`)."""
 
-    def __init__(self, metrics_csv: Path, epochs: int) -> None:
-        self.path, self.epochs = metrics_csv, epochs
+    def __init__(self, metrics_csv: Path, epochs: int, metric: str = "val_mrr", label: str = "val MRR",
+                 desc: str = "train") -> None:
+        self.path, self.epochs, self.metric, self.label, self.desc = metrics_csv, epochs, metric, label, desc
         self.stop = threading.Event()
 
     def __enter__(self) -> EpochBar:
@@ -268,13 +269,13 @@ class EpochBar:
 
     def _follow(self) -> None:
         seen = len(self._read())
-        bar = tqdm(total=self.epochs, initial=seen, desc="train", unit="epoch")
+        bar = tqdm(total=self.epochs, initial=seen, desc=self.desc, unit="epoch")
         while True:
             stopping = self.stop.wait(0.5)
             rows = self._read()
             if len(rows) != seen:  # redraw once per epoch: a log file gets one update per epoch
                 seen = bar.n = len(rows)
-                bar.set_postfix_str(f"val MRR {float(rows[-1]['val_mrr']):.3f}", refresh=True)
+                bar.set_postfix_str(f"{self.label} {float(rows[-1][self.metric]):.3f}", refresh=True)
             if stopping:
                 break
         bar.close()

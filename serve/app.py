@@ -3,7 +3,8 @@
     AnswerAPI (serve/ingress.py)        HTTP: validation, composition, timeouts, GET / page
       ├─ TeacherEmbedder (embedder.py)  the run's teacher, @serve.batch
       ├─ CubePredictor (predictor.py)   the cube + answer bank, @serve.batch; identity baseline; trace
-      └─ Generator (generator.py)       the teacher's own answer for /v1/compare (causal LMs only)
+      └─ Generator (generator.py)       text from the cube's prediction (the run's decoder, /v1/generate)
+                                        and the teacher's own answer (/v1/compare; causal LMs only)
 
 Each is its own deployment, so each scales apart (serve/settings.py: replicas, CPUs/GPUs,
 batching, queue limits). Start it with `cube serve --run RUN_DIR`, `serve run serve/config.yaml`,
@@ -55,8 +56,9 @@ def compose(teacher: TeacherConfig, dim: int, target: str, cfg: ServeConfig, ans
         to_dict(teacher), to_dict(cfg.embedder), dim)
     predictor = CubePredictor.options(**cfg.predictor.options(), **drain, user_config=_live(cfg.predictor)).bind(
         target, answers, store_folder, to_dict(cfg.predictor), to_dict(cfg.search))
+    decoder_dir = None if is_uri(target) else str(Path(target) / "decoder" / "model")
     generator = Generator.options(**cfg.generator.options(), **drain, user_config=_live(cfg.generator)).bind(
-        to_dict(teacher), cfg.limits.generation_max_new_tokens, to_dict(cfg.generator))
+        to_dict(teacher), cfg.limits.generation_max_new_tokens, to_dict(cfg.generator), decoder_dir)
     return AnswerAPI.options(**cfg.api.options(), **drain).bind(embedder, predictor, generator, to_dict(cfg.limits))
 
 

@@ -4,6 +4,7 @@ routes call a `Service` (the AnswerAPI deployment), which does the work.
 Every bad request is a 4xx with a message that says what to change:
     400  the body is not valid JSON
     413  the body is over limits.max_body_bytes
+    409  /v1/generate on a run without a decoder (`cube decoder --run RUN` trains one)
     415  the Content-Type is not application/json
     422  a field is missing, of the wrong type, empty, too long (the limit is named) or out of range
 The service answers 503 when it is overloaded or a model is not ready, and 504 past the
@@ -40,6 +41,7 @@ class Service(Protocol):
     async def model(self) -> dict[str, Any]: ...
     async def answer(self, question: str, top_k: int) -> dict[str, Any]: ...
     async def compare(self, question: str) -> dict[str, Any]: ...
+    async def generate(self, question: str, max_new_tokens: int) -> dict[str, Any]: ...
     async def embed(self, texts: list[str]) -> dict[str, Any]: ...
     async def predict(self, question: str) -> dict[str, Any]: ...
     async def trace(self, question: str) -> dict[str, Any]: ...
@@ -82,6 +84,10 @@ def build_api(service: Service, limits: Limits) -> FastAPI:
     class AnswerRequest(QuestionRequest):
         top_k: StrictInt = Field(1, ge=1, le=limits.max_top_k, description="how many answers, best first")
 
+    class GenerateRequest(QuestionRequest):
+        max_new_tokens: StrictInt = Field(limits.generation_max_new_tokens, ge=1, le=limits.generation_max_new_tokens,
+                                          description="tokens the written answer may have")
+
     class EmbedRequest(BaseModel):
         texts: list[Text] = Field(min_length=1, max_length=limits.max_embed_texts)
 
@@ -110,6 +116,10 @@ def build_api(service: Service, limits: Limits) -> FastAPI:
     @api.post("/v1/compare", summary="cube vs identity baseline vs the teacher's own generated answer")
     async def compare(request: QuestionRequest) -> dict[str, Any]:
         return await service.compare(request.question)
+
+    @api.post("/v1/generate", summary="an answer written from the cube's predicted embedding (the run's decoder)")
+    async def generate(request: GenerateRequest) -> dict[str, Any]:
+        return await service.generate(request.question, request.max_new_tokens)
 
     @api.post("/v1/embed", summary="teacher embeddings of texts")
     async def embed(request: EmbedRequest) -> dict[str, Any]:

@@ -124,6 +124,14 @@ class AnswerAPI:
             except ServiceError as e:  # a busy generator must not cost the cube's answer
                 return {"available": False, "teacher": None, "answer": None, "reason": e.message, "ms": None}
 
+        async def written(vector: Any, ms: float) -> dict[str, Any]:
+            try:
+                out = await self._call(self.generator, "write", vector, self.limits.generation_max_new_tokens)
+            except ServiceError as e:
+                return {"available": False, "answer": None, "reason": e.message, "ms": None}
+            return {"available": out["available"], "answer": out["text"], "reason": out["reason"],
+                    "ms": ms + out["ms"] if out["ms"] is not None else None}
+
         async def run() -> dict[str, Any]:
             teacher = asyncio.ensure_future(generated())
             try:
@@ -134,10 +142,30 @@ class AnswerAPI:
                 return {"question": question, "model_version": cube["model_version"],
                         "cube": {**cube["answers"][0], "ms": embed_ms + cube_ms},
                         "identity": {**identity[0], "ms": embed_ms + identity_ms},
+                        "cube_written": await written(cube["vector"], embed_ms + cube_ms),
                         "teacher": await teacher, "timings_ms": {"embed": embed_ms}}
             finally:  # a timeout (or a failure) cancels the generation too, instead of leaving it running
                 if not teacher.done():
                     teacher.cancel()
+
+        return await self._within_deadline(run())
+
+    async def generate(self, question: str, max_new_tokens: int) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            embedded = await self._embed(question)
+            embed_ms = ms_since(t0)
+            t1 = time.perf_counter()
+            result = await self._call(self.predictor, "answer", embedded, 1)
+            cube_ms = ms_since(t1)
+            out = await self._call(self.generator, "write", result["vector"], max_new_tokens)
+            if not out["available"]:
+                raise ServiceError(409, out["reason"])
+            best = result["answers"][0]
+            return {"question": question, "text": out["text"], "tokens": out["tokens"],
+                    "nearest": {"answer": best["answer"], "score": best["score"]},
+                    "model_version": result["model_version"],
+                    "timings_ms": {"embed": embed_ms, "cube": cube_ms, "generate": out["ms"], "total": ms_since(t0)}}
 
         return await self._within_deadline(run())
 

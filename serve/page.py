@@ -119,7 +119,8 @@ function showAnswers(data) {
 }
 
 function showCompare(data) {
-  const cols = [["cube", data.cube], ["identity baseline", data.identity], [`teacher (${data.teacher.teacher})`, data.teacher]];
+  const cols = [["cube", data.cube], ["identity baseline", data.identity],
+                ["written from the cube", data.cube_written], [`teacher (${data.teacher.teacher})`, data.teacher]];
   $("compare").replaceChildren(...cols.map(([name, r]) => {
     const col = document.createElement("div");
     col.className = "col";

@@ -78,7 +78,7 @@ class Limits:
     max_top_k: int = 20
     max_embed_texts: int = 64  # texts per /v1/embed request
     request_timeout_s: float = 60.0  # end to end inside the API; past it a request answers 504
-    generation_max_new_tokens: int = 64  # the teacher's own answer in /v1/compare
+    generation_max_new_tokens: int = 64  # written answers: /v1/generate's cap, and /v1/compare's length
 
     def __post_init__(self) -> None:
         for key in (

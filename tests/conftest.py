@@ -184,3 +184,69 @@ def assert_shards_cover_the_training_split(run, metrics) -> None:
             assert np.abs(row_sums - missing).min() < 1e-6, missing  # exactly one row left out
         else:
             assert abs(missing) < 1e-6, missing
+
+
+def write_small_lm(folder: Path, texts: list[str], vocab: int = 3000, width: int = 128) -> Path:
+    """A small causal LM (LLaMA architecture, 2 layers, untrained) with a word-level tokenizer
+    fitted on `texts`: a Hugging Face folder that `decoder.lm` takes like any other, small enough
+    to be trained from scratch (`decoder.train_lm=true`) in the suite. SmolLM2 is the real
+    decoder; on this CPU it takes minutes an epoch (docs/generation.md)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.normalizer = normalizers.Lowercase()
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.decoder = decoders.WordPiece()  # joins the words with spaces
+    words.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab, show_progress=False,
+                                                               special_tokens=["<|endoftext|>", "<unk>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", unk_token="<unk>")
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos,
+                         pad_token_id=eos)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+DECODER_EPOCHS = 20
+DECODER_OVERRIDES = [f"epochs={DECODER_EPOCHS}", "decoder.train_lm=true", "decoder.hidden=256", "lr=0.005",
+                     "decoder.max_answer_tokens=48", "val_answers=32"]
+
+
+@pytest.fixture(scope="session")
+def decoded_run(smoke_run, tmp_path_factory) -> tuple[Path, float]:
+    """(the shared run with RUN/decoder, the epoch after which its first driver was killed):
+    `cube decoder` with a small LM on 2 workers, its driver killed after an epoch, then resumed
+    with `--resume` to the end. The Serve tests serve this decoder at /v1/generate."""
+    import signal
+
+    import pandas as pd
+
+    from cube.data.rundir import RunDir
+
+    run = smoke_run[0]
+    answers = RunDir(run).split().table("train", ["answer"]).column("answer").to_pylist()
+    lm = write_small_lm(tmp_path_factory.mktemp("lm") / "small-lm", answers)
+    metrics = run / "decoder" / "metrics.csv"
+    cmd = [sys.executable, "-m", "jobs.cli", "decoder", "--run", str(run), "--set", f"decoder.lm={lm}",
+           *[a for o in DECODER_OVERRIDES for a in ("--set", o)]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while not (metrics.is_file() and len(pd.read_csv(metrics)) >= 1):
+        assert proc.poll() is None, f"cube decoder ended before it could be interrupted: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "the decoder's first epoch never finished"
+        time.sleep(0.2)
+    interrupted_after = float(pd.read_csv(metrics)["epoch"].max())
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resume = subprocess.run([sys.executable, "-m", "jobs.cli", "decoder", "--run", str(run), "--resume"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    return run, interrupted_after
