@@ -177,8 +177,13 @@ class DecoderJobConfig:
     max_answers: int = 0  # train on this many training pairs (the first of the split); 0 = all
     val_answers: int = 64  # validation answers whose loss is measured after every epoch
     threads: int = 0  # torch threads per worker; 0 = torch's default
+    # RUN/decoder/model: the epoch of lowest validation loss, or the last (a small LM trained from
+    # scratch overfits its text while it still learns to use the embedding)
+    keep: Literal["best", "last"] = "best"
 
     def __post_init__(self) -> None:
+        if self.keep not in ("best", "last"):
+            raise ValueError(f"keep must be best or last, got {self.keep!r}")
         for key in ("epochs", "batch_size", "workers", "val_answers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")

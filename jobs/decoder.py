@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and (args.config or args.overrides):
         parser.error("--resume takes only the run: the decoder's config is already in RUN/decoder/config.yaml")
     best = train_decoder(args.run, None if args.resume else config_from_args(DecoderJobConfig, args), args.resume)
-    print(f"decoder: best epoch {best['epoch']}, validation loss {best['val_loss']:.3f} → {args.run}/decoder/model")
+    print(f"decoder: epoch {best['epoch']} kept, validation loss {best['val_loss']:.3f} → {args.run}/decoder/model")
     return 0
 
 

@@ -2,7 +2,7 @@
 
     RUN/decoder/config.yaml      the job's config (DecoderJobConfig)
     RUN/decoder/metrics.csv      one row per epoch: train and validation loss (token cross-entropy)
-    RUN/decoder/model/           the best epoch by validation loss: load with cube.decoder.load_decoder
+    RUN/decoder/model/           the best epoch by validation loss (or the last: `keep`): cube.decoder.load_decoder
     RUN/decoder/last/            the last epoch, with the optimiser's state
     RUN/decoder/ray/             Ray Train's own checkpoints: what `--resume` continues from
 
@@ -37,6 +37,7 @@ from jobs.trainer import EpochBar, _quiet_worker
 
 log = logging.getLogger("cube.decoder")
 STATE = "train_state.pt"  # beside decoder.pt in a checkpoint: optimiser, scheduler, epoch
+PROGRESS_S = 30.0  # seconds between rank 0's progress lines within an epoch
 
 
 def schedule(opt: torch.optim.Optimizer, cfg: DecoderJobConfig, total_steps: int) -> Any:
@@ -53,13 +54,7 @@ def schedule(opt: torch.optim.Optimizer, cfg: DecoderJobConfig, total_steps: int
 def save_checkpoint(folder: str | Path, decoder: EmbeddingDecoder, opt: torch.optim.Optimizer,
                     sched: Any, epoch: int, metrics: dict[str, float]) -> None:
     """A loadable decoder (decoder.pt + decoder.json) plus what resuming needs."""
-    projector = decoder.projector
-    inner = getattr(projector, "module", projector)  # DDP's wrapper is not part of the saved model
-    decoder.projector = inner
-    try:
-        decoder.save(folder)
-    finally:
-        decoder.projector = projector
+    decoder.save(folder)
     torch.save({"optim": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch, "metrics": metrics},
                Path(folder) / STATE)
 
@@ -104,12 +99,9 @@ def decoder_worker(config: dict[str, Any]) -> None:
         sched.load_state_dict(state["sched"])
         start = int(state["epoch"])
         log.info("rank %d resumed after epoch %d", rank, start)
-    # DDP over what learns: the projector (a frozen LM needs no gradient sync), or all of it.
-    if cfg.decoder.train_lm:
-        step_model: Any = ray.train.torch.prepare_model(decoder, move_to_device=False)
-    else:
-        decoder.projector = ray.train.torch.prepare_model(decoder.projector, move_to_device=False)
-        step_model = decoder
+    # DDP over the decoder; its forward is the loss. A frozen LM's weights get no gradient, so DDP
+    # syncs only what learns (after one broadcast of every weight at the start).
+    step_model = ray.train.torch.prepare_model(decoder, move_to_device=False)
     val_texts: list[str] = []
     val_z = torch.zeros(0)
     if rank == 0:
@@ -122,6 +114,7 @@ def decoder_worker(config: dict[str, Any]) -> None:
     decoder.train(cfg.decoder.train_lm)
     for epoch in range(start, cfg.epochs):
         t0, total, taken = time.perf_counter(), 0.0, 0
+        shown = t0
         batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=config["shuffle_buffer"],
                                      local_shuffle_seed=cfg.seed * 100_003 + epoch)
@@ -138,6 +131,10 @@ def decoder_worker(config: dict[str, Any]) -> None:
             opt.step()
             sched.step()
             total, taken = total + float(loss), taken + 1
+            if rank == 0 and time.perf_counter() - shown > PROGRESS_S:  # an epoch of a large LM takes minutes
+                shown = time.perf_counter()
+                log.info("epoch %d: step %d/%d  loss %.3f  %.1f s/step", epoch + 1, taken, steps, total / taken,
+                         (shown - t0) / taken)
         metrics = {"epoch": epoch + 1, "train_loss": total / max(taken, 1), "steps": taken,
                    "seconds": time.perf_counter() - t0, "lr": sched.get_last_lr()[0], "resumed_from": start}
         if rank != 0:
@@ -221,11 +218,11 @@ def train_decoder(run_path: str | Path, cfg: DecoderJobConfig | None, resume: bo
             callbacks=[MetricsLog(str(folder))]))
     with EpochBar(folder / "metrics.csv", cfg.epochs, metric="val_loss", label="val loss", desc="decoder"):
         result = trainer.fit()
-    best = result.get_best_checkpoint(metric="val_loss", mode="min")
+    best = result.get_best_checkpoint(metric="val_loss", mode="min") if cfg.keep == "best" else result.checkpoint
     for src, dst in ((best, "model"), (result.checkpoint, "last")):
         with src.as_directory() as d:
             publish(d, folder / dst)
     best_metrics = torch.load(folder / "model" / STATE, map_location="cpu", weights_only=False)["metrics"]
-    log.info("best decoder epoch %d (val loss %.3f) → %s", best_metrics["epoch"], best_metrics["val_loss"],
+    log.info("%s decoder epoch %d (val loss %.3f) → %s", cfg.keep, best_metrics["epoch"], best_metrics["val_loss"],
              folder / "model")
     return best_metrics

@@ -214,9 +214,9 @@ def write_small_lm(folder: Path, texts: list[str], vocab: int = 3000, width: int
     return folder
 
 
-DECODER_EPOCHS = 20
-DECODER_OVERRIDES = [f"epochs={DECODER_EPOCHS}", "decoder.train_lm=true", "decoder.hidden=256", "lr=0.005",
-                     "decoder.max_answer_tokens=48", "val_answers=32"]
+DECODER_EPOCHS = 10
+DECODER_OVERRIDES = [f"epochs={DECODER_EPOCHS}", "decoder.train_lm=true", "decoder.inject=true", "decoder.hidden=256",
+                     "lr=0.005", "decoder.max_answer_tokens=48", "val_answers=32", "keep=last"]
 
 
 @pytest.fixture(scope="session")

@@ -108,10 +108,10 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, smoke_run, tmp_path_factory):
+def served(ray_cluster, smoke_run, decoded_run, tmp_path_factory):
     from jobs.serve import start, stop
 
-    run, _ = smoke_run
+    run, _ = smoke_run  # with its decoder (decoded_run), served at /v1/generate
     corpus = pd.concat([RunDir(run).split().table(s, ["question", "answer"]).to_pandas() for s in SPLITS])
     answers = tmp_path_factory.mktemp("answers") / "extra.jsonl"
     answers.write_text("\n".join(json.dumps({"answer": a}) for a in (EXTRA, corpus["answer"].iloc[0])) + "\n")
@@ -157,6 +157,15 @@ def test_endpoints(served):
     assert "scatter" in compare["cube"]["answer"].lower() and compare["cube"]["ms"] > 0
     assert compare["identity"]["answer"] in set(corpus["answer"]) | {EXTRA} and compare["identity"]["ms"] > 0
     assert compare["teacher"]["available"] is False and "not a causal language model" in compare["teacher"]["reason"]
+    assert compare["cube_written"]["available"] and compare["cube_written"]["answer"].strip()
+
+    written = served.post("/v1/generate", {"question": QUESTION, "max_new_tokens": 12})
+    assert written.status_code == 200, written.text
+    out = written.json()
+    assert out["text"].strip() and 0 < out["tokens"] <= 12  # the decoder's words, from the cube's prediction
+    assert "scatter" in out["nearest"]["answer"].lower() and out["model_version"] == health["model_version"]
+    assert out["timings_ms"]["total"] >= out["timings_ms"]["generate"] > 0
+    assert model["generation"]["decoder"]["available"] is True
 
     embed = served.post("/v1/embed", {"texts": [QUESTION, "hello"]}).json()
     vectors = np.array(embed["vectors"])
@@ -228,7 +237,10 @@ def test_bad_input_is_a_clear_4xx(served, what, kwargs, status, words):
 @pytest.mark.parametrize("path,body,words", [
     ("/v1/embed", {"texts": []}, "texts"), ("/v1/embed", {"texts": ["ok"] * 65}, "at most 64"),
     ("/v1/embed", {"texts": "not a list"}, "texts"), ("/v1/compare", {"question": ""}, "question"),
-    ("/v1/trace", {}, "question"), ("/v1/predict", {"question": ["a"]}, "question")])
+    ("/v1/trace", {}, "question"), ("/v1/predict", {"question": ["a"]}, "question"),
+    ("/v1/generate", {"question": ""}, "question"), ("/v1/generate", {"question": "x", "max_new_tokens": 0}, "greater"),
+    ("/v1/generate", {"question": "x", "max_new_tokens": 65}, "less than or equal to 64"),
+    ("/v1/generate", {"question": "x", "max_new_tokens": "8"}, "max_new_tokens")])
 def test_bad_input_on_the_other_endpoints(served, path, body, words):
     r = served.post(path, body)
     assert r.status_code == 422 and words in r.json()["detail"], r.text[:300]
@@ -256,7 +268,7 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(served, tmp_path):
     assert proc.returncode == 0, out[-4000:]
     cases = [c.get("name", "") for report in tmp_path.glob("junit*.xml") for c in ET.parse(report).iter("testcase")]
     for operation in ("POST /v1/answer", "POST /v1/compare", "POST /v1/embed", "POST /v1/predict", "POST /v1/trace",
-                      "GET /v1/model", "GET /healthz"):
+                      "POST /v1/generate", "GET /v1/model", "GET /healthz"):
         assert any(operation in c for c in cases), f"schemathesis did not test {operation}: {cases}\n{out[-2000:]}"
 
 
@@ -288,7 +300,8 @@ def test_page_in_a_headless_browser(served, tmp_path):
             first = page.inner_text("#answers li .answer-text")
             assert "scatter" in first.lower()
             assert len(page.query_selector_all("#answers li")) == 5
-            assert "generation unavailable" in page.inner_text("#compare")
+            assert "generation unavailable" in page.inner_text("#compare")  # minilm, the teacher, cannot write
+            assert "written from the cube" in page.inner_text("#compare")
             painted = page.evaluate("""() => Array.from(document.querySelectorAll('#layers canvas')).map(c =>
                 new Set(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).size)""")
             assert all(colours > 2 for colours in painted), painted  # each layer drawn, not blank

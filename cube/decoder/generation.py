@@ -46,7 +46,7 @@ def score_texts(texts: list[str], test: HeldOut, embed: Callable[[list[str]], to
     cosine = F.cosine_similarity(vecs, truth, dim=-1).mean()
     ranked = retrieval_metrics(vecs - a_mean, test.pool, test.target, offset=a_mean)
     return {"rouge_l": rouge_l(texts, [test.answers[int(i)] for i in test.target]), "cosine": float(cosine),
-            "recall_at_1": ranked["recall_at_1"], "mrr": ranked["mrr"]}
+            "recall_at_1": ranked["recall@1"], "mrr": ranked["mrr"]}
 
 
 def decoder_writer(decoder: EmbeddingDecoder, z: torch.Tensor, centred: bool, max_new_tokens: int,

@@ -35,6 +35,9 @@ class DecoderConfig:
     hidden: int = 1024  # the projector's hidden width
     max_answer_tokens: int = 64  # answers are cut to this many tokens for training
     train_lm: bool = False  # also train the LM's own weights (a small LM from scratch); False keeps it frozen
+    # Also add a projection of the embedding to every token's input vector, not only the prompt: a
+    # small LM trained from scratch on a few hundred answers learns to use the embedding only so.
+    inject: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.prompt_tokens <= 64:
@@ -44,6 +47,24 @@ class DecoderConfig:
                              f"got {self.hidden}, {self.max_answer_tokens}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"decoder.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+class Injected(nn.Module):
+    """The LM's token embedding plus one vector per sequence (`added`, (B, d)), so that tokens
+    generated one at a time get it too."""
+
+    def __init__(self, tokens: nn.Embedding) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.added: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.tokens.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.tokens(ids)
+        return out if self.added is None else out + self.added[:, None, :].to(out.dtype)
 
 
 class EmbeddingDecoder(nn.Module):
@@ -63,19 +84,22 @@ class EmbeddingDecoder(nn.Module):
         # The answers' mean (the run's centring): z is read as a direction from it, as the cube predicts.
         self.register_buffer("a_mean", a_mean.float().clone())
         lm.requires_grad_(cfg.train_lm)
+        if cfg.inject:  # zero at the start: the LM reads its text as before, then learns to use z
+            self.injector = nn.Linear(embed_dim, width)
+            nn.init.zeros_(self.injector.weight)
+            nn.init.zeros_(self.injector.bias)
+            lm.set_input_embeddings(Injected(lm.get_input_embeddings()))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
-    def trainable(self) -> nn.Module:
-        """What the optimiser and DDP see: the projector, or the projector and the LM."""
-        return self if self.cfg.train_lm else self.projector
-
     def prompt(self, z: torch.Tensor, centred: bool = False) -> torch.Tensor:
-        """(B, E) embeddings (raw, or already centred) → (B, k, d_lm) soft prompts in the LM's dtype."""
+        """(B, E) embeddings (raw, or already centred) → (B, k, d_lm) soft prompts in the LM's dtype.
+        With `inject`, it also sets what is added to every token's input vector until the next call."""
         z = z.float().to(self.a_mean.device)
         z = F.normalize(z if centred else z - self.a_mean, dim=-1) * self.embed_dim**0.5  # unit-size coordinates
-        p = self.projector(z)
-        return p.to(self.lm.get_input_embeddings().weight.dtype)
+        if self.cfg.inject:
+            self.lm.get_input_embeddings().added = self.injector(z)
+        return self.projector(z).to(self.lm.get_input_embeddings().weight.dtype)
 
     def tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Answers → (ids, mask), each (B, L): cut to max_answer_tokens, then the end-of-text token."""
