@@ -15,6 +15,7 @@ teacher's embedding of the text, centred like the cube's predictions), and token
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from cube.data.rundir import RunDir
 from cube.decoder.model import EmbeddingDecoder, load_decoder
 from cube.eval.metrics import HeldOut, retrieval_metrics, top_k
 
+log = logging.getLogger("cube.eval")
 Writer = Callable[[list[int]], tuple[list[str], int]]  # rows of the sample → (texts, tokens written)
 
 
@@ -129,6 +131,7 @@ def generation_report(run_path: str | Path, questions: int = 64, max_new_tokens:
         t0 = time.perf_counter()
         texts, tokens = write(rows)
         seconds = time.perf_counter() - t0
+        log.info("generation: %s, %d texts in %.0f s", name, len(texts), seconds)
         table[name] = {**score_texts(texts, test, embed, a_mean),
                        "tokens_per_s": tokens / seconds if tokens else None, "tokens": tokens}
         examples[name] = texts[:5]
