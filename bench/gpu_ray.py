@@ -22,7 +22,8 @@ section writes OUT/<section>.json as it ends, so a run cut short keeps what it f
 5. precision: validation MRR of fp32, TF32 and bf16 training on the same data and seed.
 
 `--quick` on the CPU runs each path once: one sweep (without a GPU, packed and whole trials are
-the same sweep) and bf16 alone (fp32 is the train section's run).
+the same sweep), bf16 alone (fp32 is the train section's run), and no kill-and-resume (the
+suite's tests/test_training_ray.py kills a driver and resumes on the CPU).
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def section_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         split.held_out("val", questions=cfg.val_questions), cfg.loss, cfg.optim,
         on_epoch=lambda end: seen.append(end.metrics["samples_per_s"]))
     local_rate = statistics.median(seen[1:] or seen)
+    result = {"device": args.device, "epochs": int(len(metrics)), "seconds": round(took, 1),
+              "epoch_seconds": round(took / max(len(metrics), 1), 1),
+              "samples_per_s_ray": round(ray_rate), "samples_per_s_without_ray": round(local_rate),
+              "ratio_ray_to_without": round(ray_rate / local_rate, 3),
+              "peak_memory_mb": float(metrics["peak_memory_mb"].max()), "test_mrr": report["cube"]["mrr"]}
+    if args.quick:  # the CPU check: tests/test_training_ray.py already kills a driver and resumes on the CPU
+        return {**result, "resume": "skipped in --quick"}
     # killed after its first epoch, then resumed from its checkpoint
     resumed = work / "resumed"
     sets = [a for s in train_config(args, f"optim.epochs={max(args.epochs, 3)}") for a in ("--set", s)]
@@ -110,12 +118,8 @@ def section_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     again = subprocess.run(cube_cmd("train", "--resume", str(resumed)), cwd=ROOT, capture_output=True, text=True,
                            timeout=args.section_s)
     after = pd.read_csv(resumed / "metrics.csv") if (resumed / "metrics.csv").is_file() else pd.DataFrame()
-    return {"device": args.device, "epochs": int(len(metrics)), "seconds": round(took, 1),
-            "epoch_seconds": round(took / max(len(metrics), 1), 1),
-            "samples_per_s_ray": round(ray_rate), "samples_per_s_without_ray": round(local_rate),
-            "ratio_ray_to_without": round(ray_rate / local_rate, 3),
-            "peak_memory_mb": float(metrics["peak_memory_mb"].max()), "test_mrr": report["cube"]["mrr"],
-            "resume_returncode": again.returncode, "resume_epochs": after["epoch"].tolist() if len(after) else [],
+    return {**result, "resume_returncode": again.returncode,
+            "resume_epochs": after["epoch"].tolist() if len(after) else [],
             "resumed_from": int(after["resumed_from"].max()) if len(after) else None,
             "resume_error": again.stderr[-500:] if again.returncode else ""}
 

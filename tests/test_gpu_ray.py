@@ -39,7 +39,7 @@ def test_the_gpu_script_runs_every_section_on_the_cpu(ray_cluster, qa_sample, tm
     assert not errors, errors
     train = result["train"]
     assert train["epochs"] == 2 and train["samples_per_s_ray"] > 0 and train["samples_per_s_without_ray"] > 0
-    assert train["resume_returncode"] == 0 and train["resumed_from"] >= 1 and train["resume_epochs"] == [1, 2, 3]
+    assert train["resume"] == "skipped in --quick"  # a driver killed and resumed: tests/test_training_ray.py
     # 4,000 rows time Ray Data's start-up, not its throughput: the ratio's target (0.9) is
     # bench/stream_throughput's, at 100k rows; here both paths must have trained on the rows
     ingest = result["ingest"]
