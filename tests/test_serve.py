@@ -453,8 +453,9 @@ def test_killing_an_embedder_replica_under_load(served):
 
 
 def second_run(run: Path, target: Path) -> Path:
-    """Another run of the same teacher: the smoke run's files with its last-epoch checkpoint as model."""
-    shutil.copytree(run, target, ignore=shutil.ignore_patterns("ray", "tensorboard", "analysis"))
+    """Another run of the same teacher: the smoke run's files with its last-epoch checkpoint as
+    model, and no decoder."""
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("ray", "tensorboard", "analysis", "decoder"))
     shutil.rmtree(target / "model")
     shutil.copytree(run / "last", target / "model")
     return target
@@ -485,3 +486,5 @@ def test_hot_swap_to_another_run_under_traffic(served, tmp_path):
     assert traffic.status[200] == traffic.total, (dict(traffic.status), traffic.failures[:5])
     assert seen[0] == old and seen[-1].startswith("other-run@")
     assert requests.get(f"{served.url}/v1/model", timeout=30).json()["run_dir"] == str(other.resolve())
+    unwritten = served.post("/v1/generate", {"question": QUESTION})  # the new run has no decoder
+    assert unwritten.status_code == 409 and "cube decoder --run" in unwritten.json()["detail"], unwritten.text
