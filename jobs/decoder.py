@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose, Path(args.run) / "decoder" / LOG)
+    run_exists = (Path(args.run) / "config.yaml").is_file()  # no log file left in a folder that is not a run
+    setup_logging(args.verbose, Path(args.run) / "decoder" / LOG if run_exists else None)
+    if "://" in args.run:
+        parser.error("--run must be a local run folder: copy the run here first (cube decoder writes RUN/decoder "
+                     "beside its checkpoints)")
     if args.resume and (args.config or args.overrides):
         parser.error("--resume takes only the run: the decoder's config is already in RUN/decoder/config.yaml")
     best = train_decoder(args.run, None if args.resume else config_from_args(DecoderJobConfig, args), args.resume)

@@ -30,6 +30,7 @@ from cube.data.rundir import RunDir
 from cube.data.split import SplitData, filesystem, vectors
 from cube.decoder.model import EmbeddingDecoder, build_decoder
 from cube.job_config import DecoderJobConfig
+from cube.teachers.base import TeacherError, resolve_source
 from cube.train.checkpoint import publish
 from jobs.common import ensure_ray, quiet_ray_data, require_resources
 from jobs.stages import LIGHT
@@ -186,14 +187,19 @@ def train_decoder(run_path: str | Path, cfg: DecoderJobConfig | None, resume: bo
         assert cfg is not None
         if (folder / "config.yaml").is_file():
             raise RunError(f"{folder} already holds a decoder; pass --resume to continue it, or delete the folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, folder / "config.yaml")
     info = run.split_info()
     rows = info["rows"]["train"] if not cfg.max_answers else min(cfg.max_answers, info["rows"]["train"])
     per_worker = rows // cfg.workers
     if per_worker < cfg.batch_size:
         raise DataError(f"{rows} training pairs: fewer than workers ({cfg.workers}) × batch_size ({cfg.batch_size}); "
                         "lower one of them")
+    try:  # a missing LM is named here, not in a worker's traceback
+        resolve_source(cfg.decoder.lm)
+    except TeacherError as e:
+        raise TeacherError(f"decoder.lm: {e}".replace("teacher.name", "decoder.lm")) from None
+    if not resume:  # only a decoder that can start leaves a folder behind
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, folder / "config.yaml")
     _, dim = run.teacher()
     split = run.split()
     root = split.root if "://" in split.root else str(Path(split.root).resolve())
