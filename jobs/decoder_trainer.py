@@ -8,7 +8,8 @@
 
 Each worker streams its shard of the training split's (answer, a_vec) through Ray Data and
 learns to write each answer from that answer's own embedding (a reconstruction: no cube is
-needed). With a frozen LM only the projector is under DDP; rank 0 measures the loss on a fixed
+needed). DDP wraps the decoder; a frozen LM's weights get no gradient, so only the projector's
+are synced. Rank 0 measures the loss on a fixed
 set of validation answers after every epoch. Everything a worker runs lives here, in an
 importable module (`cube decoder` is jobs/decoder.py).
 """
@@ -23,33 +24,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
 from cube.config import from_dict, save_config, to_dict
 from cube.data.qa import DataError
 from cube.data.rundir import RunDir
 from cube.data.split import SplitData, filesystem, vectors
-from cube.decoder.model import EmbeddingDecoder, build_decoder
+from cube.decoder.model import WEIGHTS, EmbeddingDecoder, build_decoder
 from cube.job_config import DecoderJobConfig
 from cube.teachers.base import TeacherError, resolve_source
 from cube.train.checkpoint import publish
+from cube.train.optim import with_warmup
 from jobs.common import ensure_ray, quiet_ray_data, require_resources
 from jobs.stages import LIGHT
-from jobs.trainer import EpochBar, _quiet_worker
+from jobs.trainer import EpochBar, quiet_worker, worker_resources
 
 log = logging.getLogger("cube.decoder")
 STATE = "train_state.pt"  # beside decoder.pt in a checkpoint: optimiser, scheduler, epoch
 PROGRESS_S = 30.0  # seconds between rank 0's progress lines within an epoch
 
 
-def schedule(opt: torch.optim.Optimizer, cfg: DecoderJobConfig, total_steps: int) -> Any:
-    """Linear warm-up, then cosine decay to zero over the run."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-
+def schedule(opt: torch.optim.Optimizer, cfg: DecoderJobConfig, total_steps: int) -> LRScheduler:
+    """Linear warm-up (the cube's, `with_warmup`), then cosine decay to zero over the run."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    if not warmup:
-        return CosineAnnealingLR(opt, max(total_steps, 1))
-    return SequentialLR(opt, [LinearLR(opt, 1e-3, 1.0, warmup), CosineAnnealingLR(opt, max(total_steps - warmup, 1))],
-                        milestones=[warmup])
+    return with_warmup(opt, CosineAnnealingLR(opt, max(total_steps - warmup, 1)), warmup)
 
 
 def save_checkpoint(folder: str | Path, decoder: EmbeddingDecoder, opt: torch.optim.Optimizer,
@@ -77,7 +75,7 @@ def decoder_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    _quiet_worker()
+    quiet_worker()
     cfg = from_dict(DecoderJobConfig, config["cfg"])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -93,8 +91,7 @@ def decoder_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            weights = torch.load(Path(d) / "decoder.pt", map_location=device, weights_only=True)
-            decoder.load_state_dict(weights, strict=False)  # a frozen LM's weights are not in it
+            decoder.load_weights(torch.load(Path(d) / WEIGHTS, map_location=device, weights_only=True), d)
             state = torch.load(Path(d) / STATE, map_location=device, weights_only=False)
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
@@ -142,6 +139,8 @@ def decoder_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             continue
         metrics["val_loss"] = validation_loss(decoder, val_texts, val_z, cfg.batch_size)
+        if not math.isfinite(metrics["val_loss"]):  # never a candidate for the best checkpoint
+            raise FloatingPointError(f"decoder validation loss is {metrics['val_loss']} at epoch {epoch + 1}; lower lr")
         log.info("epoch %d/%d  train loss %.3f  val loss %.3f  %.0f s", epoch + 1, cfg.epochs,
                  metrics["train_loss"], metrics["val_loss"], metrics["seconds"])
         with tempfile.TemporaryDirectory() as d:
@@ -153,11 +152,6 @@ def decoder_worker(config: dict[str, Any]) -> None:
 
 
 SHUFFLE_BUFFER = 2_048  # rows each worker mixes locally, beside the per-epoch file order
-
-
-def decoder_resources(cfg: DecoderJobConfig) -> list[dict[str, float]]:
-    """The workers, and one CPU for Ray Data's reader."""
-    return [{"CPU": 1.0, "GPU": 1.0 if cfg.use_gpu else 0.0}] * cfg.workers + [{"CPU": 1.0}]
 
 
 def train_decoder(run_path: str | Path, cfg: DecoderJobConfig | None, resume: bool = False) -> dict[str, Any]:
@@ -206,7 +200,9 @@ def train_decoder(run_path: str | Path, cfg: DecoderJobConfig | None, resume: bo
     config = {"cfg": to_dict(cfg), "split_root": root, "dim": dim, "a_mean": info["a_mean"],
               "steps_per_epoch": per_worker // cfg.batch_size, "shuffle_buffer": min(SHUFFLE_BUFFER, per_worker)}
     ensure_ray()
-    require_resources(decoder_resources(cfg), f"decoder training with {cfg.workers} workers", 0.0)
+    # the workers, and one CPU beside them for Ray Data's reader (as for the cube)
+    require_resources([worker_resources(cfg)] * cfg.workers + [{"CPU": 1.0}],
+                      f"decoder training with {cfg.workers} workers", 0.0)
     quiet_ray_data()
     fs, path = filesystem(root)
     train = ray.data.read_parquet(f"{path}/split=train", filesystem=fs, columns=["answer", "a_vec"],
@@ -215,7 +211,8 @@ def train_decoder(run_path: str | Path, cfg: DecoderJobConfig | None, resume: bo
         train = train.limit(cfg.max_answers)
     trainer = TorchTrainer(
         decoder_worker, train_loop_config=config, datasets={"train": train},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
             name="decoder", storage_path=str((folder / "ray").resolve()),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

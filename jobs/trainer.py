@@ -28,7 +28,7 @@ from cube.data.rundir import RunDir, write_json
 from cube.data.split import SplitData, filesystem
 from cube.data.storage import Storage
 from cube.eval.report import evaluate_run
-from cube.job_config import TrainConfig
+from cube.job_config import DecoderJobConfig, TrainConfig
 from cube.train.checkpoint import load_checkpoint, load_train_state, publish, save_epoch
 from cube.train.loop import EpochEnd, build_model, fit
 from cube.train.optim import lattice_kernel, peak_lr, use_cuda_graphs
@@ -42,7 +42,7 @@ log = logging.getLogger("cube.train")
 # ---------------------------------------------------------------- per-worker loop (runs in Ray)
 
 
-def _quiet_worker() -> None:
+def quiet_worker() -> None:
     setup_logging()
     # Ray Train logs every report's full metrics dict from every rank at INFO on a logger named
     # after its file path; keep the workers to our own one line per epoch.
@@ -104,7 +104,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    _quiet_worker()
+    quiet_worker()
     cfg = from_dict(TrainConfig, config["cfg"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -182,7 +182,7 @@ def prepare_run(run: RunDir, storage: Storage, cfg: TrainConfig, data: str) -> N
     trim_heap()
 
 
-def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+def worker_resources(cfg: TrainConfig | DecoderJobConfig) -> dict[str, float]:
     """What one Ray Train worker reserves (Ray Train's defaults, made explicit for the check)."""
     return {"CPU": 1.0, "GPU": 1.0 if cfg.use_gpu else 0.0}
 

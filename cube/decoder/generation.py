@@ -15,6 +15,7 @@ teacher's embedding of the text, centred like the cube's predictions), and token
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -93,8 +94,6 @@ def generation_report(run_path: str | Path, questions: int = 64, max_new_tokens:
         safe = [t if t.strip() else "." for t in texts]  # an empty generation still gets a (poor) vector
         return torch.cat([torch.from_numpy(teacher.embed(safe[i : i + 64]).vectors) for i in range(0, len(safe), 64)])
 
-    import json
-
     best = json.loads((run.path / "eval.json").read_text())["best_baseline"]
     fitted = fit_baselines(run_train_data(run), split.held_out("val", questions=cfg.val_questions, seed=cfg.data.seed),
                            seeds=baseline_seeds, which=best)[best][0]
@@ -113,7 +112,9 @@ def generation_report(run_path: str | Path, questions: int = 64, max_new_tokens:
         from cube.teachers.generate import AnswerWriter, GeneratorConfig
 
         try:
-            answerer = AnswerWriter(GeneratorConfig(name=decoder.cfg.lm, max_new_tokens=max_new_tokens))
+            # the decoder's own LM, not a second copy (outside `conditioned` it is the plain LM)
+            answerer = AnswerWriter(GeneratorConfig(name=decoder.cfg.lm, max_new_tokens=max_new_tokens),
+                                    loaded=(decoder.lm, decoder.tokenizer))
 
             def chat_writer(rows: list[int]) -> tuple[list[str], int]:
                 texts = [t for s in range(0, len(rows), batch_size)

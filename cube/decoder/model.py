@@ -12,7 +12,9 @@ the cube's InfoNCE-trained predictions have no meaningful length. The LM stays f
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -92,14 +94,21 @@ class EmbeddingDecoder(nn.Module):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
-    def prompt(self, z: torch.Tensor, centred: bool = False) -> torch.Tensor:
+    @contextlib.contextmanager
+    def conditioned(self, z: torch.Tensor, centred: bool = False) -> Iterator[torch.Tensor]:
         """(B, E) embeddings (raw, or already centred) → (B, k, d_lm) soft prompts in the LM's dtype.
-        With `inject`, it also sets what is added to every token's input vector until the next call."""
+        With `inject`, z's vector is added to every token's input inside the block only, so the LM
+        is a plain LM again outside it (a chat answer from the same weights, say)."""
         z = z.float().to(self.a_mean.device)
         z = F.normalize(z if centred else z - self.a_mean, dim=-1) * self.embed_dim**0.5  # unit-size coordinates
+        tokens_in = self.lm.get_input_embeddings()
         if self.cfg.inject:
-            self.lm.get_input_embeddings().added = self.injector(z)
-        return self.projector(z).to(self.lm.get_input_embeddings().weight.dtype)
+            tokens_in.added = self.injector(z)
+        try:
+            yield self.projector(z).to(tokens_in.weight.dtype)
+        finally:
+            if self.cfg.inject:
+                tokens_in.added = None
 
     def tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Answers → (ids, mask), each (B, L): cut to max_answer_tokens, then the end-of-text token."""
@@ -117,26 +126,35 @@ class EmbeddingDecoder(nn.Module):
     def loss(self, z: torch.Tensor, texts: list[str], centred: bool = False) -> torch.Tensor:
         """Mean next-token cross-entropy of each text after its embedding's soft prompt."""
         ids, mask = self.tokens(texts)
-        prompt = self.prompt(z, centred)
-        embeds = torch.cat([prompt, self.lm.get_input_embeddings()(ids)], dim=1)
-        k = prompt.shape[1]
-        attention = torch.cat([mask.new_ones(len(ids), k), mask], dim=1)
-        labels = torch.cat([ids.new_full((len(ids), k), -100), ids.masked_fill(mask == 0, -100)], dim=1)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
+        with self.conditioned(z, centred) as prompt:
+            embeds = torch.cat([prompt, self.lm.get_input_embeddings()(ids)], dim=1)
+            k = prompt.shape[1]
+            attention = torch.cat([mask.new_ones(len(ids), k), mask], dim=1)
+            labels = torch.cat([ids.new_full((len(ids), k), -100), ids.masked_fill(mask == 0, -100)], dim=1)
+            return self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
 
-    forward = loss  # what DDP calls when the whole decoder is wrapped (train_lm)
+    forward = loss  # what DDP calls: training wraps the whole decoder
 
     @torch.inference_mode()
     def generate(self, z: torch.Tensor, max_new_tokens: int = 64, centred: bool = False) -> tuple[list[str], int]:
         """Greedy text for each embedding, and the number of tokens written. Repeated trigrams are
         barred: a small frozen LM otherwise loops on a phrase."""
-        prompt = self.prompt(z, centred)
-        attention = torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
-        out = self.lm.generate(inputs_embeds=prompt, attention_mask=attention, max_new_tokens=max_new_tokens,
-                               do_sample=False, no_repeat_ngram_size=3, pad_token_id=self.tokenizer.pad_token_id,
-                               eos_token_id=self.tokenizer.eos_token_id)
+        with self.conditioned(z, centred) as prompt:
+            attention = torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
+            out = self.lm.generate(inputs_embeds=prompt, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                   do_sample=False, no_repeat_ngram_size=3, pad_token_id=self.tokenizer.pad_token_id,
+                                   eos_token_id=self.tokenizer.eos_token_id)
         written = int((out != self.tokenizer.pad_token_id).sum())  # pad is end-of-text: the tokens before it
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)], written
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str | Path) -> None:
+        """Weights saved by `save`: everything but a frozen LM, whose weights are its own files.
+
+        Raises:
+            ValueError: they do not fit this decoder's config."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("lm.") for k in missing):
+            raise ValueError(f"{source} does not fit its config: missing {missing}, unexpected {unexpected}")
 
     def save(self, folder: str | Path) -> None:
         """The projector (and the LM's weights only when they were trained), and the config."""
@@ -170,8 +188,6 @@ def load_decoder(folder: str | Path, device: str = "cpu") -> EmbeddingDecoder:
     meta = json.loads((folder / CONFIG).read_text())
     state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
     decoder = build_decoder(DecoderConfig(**meta["decoder"]), meta["embed_dim"], state["a_mean"], device)
-    missing, unexpected = decoder.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("lm.") for k in missing):  # a frozen LM's weights are its own files
-        raise ValueError(f"{folder / WEIGHTS} does not fit its config: missing {missing}, unexpected {unexpected}")
+    decoder.load_weights(state, folder / WEIGHTS)
     decoder.eval()
     return decoder

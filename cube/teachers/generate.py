@@ -7,6 +7,7 @@ Decoding is greedy by default and bounded in length, so a rerun reproduces the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,11 +32,13 @@ class GeneratorConfig:
 class AnswerWriter:
     """A chat model that answers questions. `source` says how to load it (dtype, quantisation):
     the serving teacher's own config, so an 8B teacher is not loaded again in fp32; by default
-    the generator's name with the defaults."""
+    the generator's name with the defaults. `loaded` is a (model, tokenizer) already in memory
+    (the answer writer's LM), used instead of loading it again."""
 
-    def __init__(self, cfg: GeneratorConfig, device: str = "cpu", source: TeacherConfig | None = None) -> None:
+    def __init__(self, cfg: GeneratorConfig, device: str = "cpu", source: TeacherConfig | None = None,
+                 loaded: tuple[Any, Any] | None = None) -> None:
         self.cfg = cfg
-        self.model, self.tokenizer = load_hf(source or TeacherConfig(name=cfg.name), device, causal_lm=True)
+        self.model, self.tokenizer = loaded or load_hf(source or TeacherConfig(name=cfg.name), device, causal_lm=True)
         if not getattr(self.tokenizer, "chat_template", None):
             raise TeacherError(f"generator {cfg.name!r} has no chat template; use an instruct/chat model")
         self.tokenizer.padding_side = "left"  # decoder-only batches must end at the prompt's last token

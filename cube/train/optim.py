@@ -98,10 +98,15 @@ def make_optimizer(
         after: LRScheduler = ConstantLR(opt, factor=1.0, total_iters=0)
     else:
         after = CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=COSINE_FLOOR * peak)
+    return opt, with_warmup(opt, after, warmup)
+
+
+def with_warmup(opt: torch.optim.Optimizer, after: LRScheduler, warmup: int) -> LRScheduler:
+    """`after`, preceded by a linear warm-up to the peak over `warmup` steps (none when 0)."""
     if warmup == 0:
-        return opt, after
+        return after
     ramp = LinearLR(opt, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
-    return opt, SequentialLR(opt, [ramp, after], milestones=[warmup])
+    return SequentialLR(opt, [ramp, after], milestones=[warmup])
 
 
 def lattice_kernel(cfg: OptimConfig, cube: CubeConfig, device: torch.device) -> LatticeKernel:
