@@ -29,13 +29,13 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, S
 from cube.config import from_dict, save_config, to_dict
 from cube.data.qa import DataError
 from cube.data.rundir import RunDir
-from cube.data.split import SplitData, filesystem, vectors
+from cube.data.split import SplitData, vectors
 from cube.decoder.model import WEIGHTS, EmbeddingDecoder, build_decoder
 from cube.job_config import DecoderJobConfig
 from cube.teachers.base import TeacherError, resolve_source
 from cube.train.checkpoint import publish
-from jobs.common import ensure_ray, quiet_ray_data, require_resources
-from jobs.stages import LIGHT
+from jobs.common import configure_ray_data, ensure_ray, require_resources
+from jobs.stages import split_rows
 from jobs.trainer import EpochBar, quiet_worker, worker_resources
 
 log = logging.getLogger("cube.decoder")
@@ -165,7 +165,6 @@ def train_decoder(run_path: str | Path, cfg: DecoderJobConfig | None, resume: bo
         RunError: the run is not a trained run, or a fresh decoder would overwrite one.
         DataError: fewer training pairs than workers × batch_size.
     """
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -207,10 +206,8 @@ def train_decoder(run_path: str | Path, cfg: DecoderJobConfig | None, resume: bo
     # the workers, and one CPU beside them for Ray Data's reader (as for the cube)
     require_resources([worker_resources(cfg)] * cfg.workers + [{"CPU": 1.0}],
                       f"decoder training with {cfg.workers} workers", 0.0)
-    quiet_ray_data()
-    fs, path = filesystem(root)
-    train = ray.data.read_parquet(f"{path}/split=train", filesystem=fs, columns=["answer", "a_vec"],
-                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed), **LIGHT)
+    configure_ray_data()
+    train = split_rows(root, "train", ["answer", "a_vec"], cfg.seed)
     if cfg.max_answers:
         train = train.limit(cfg.max_answers)
     trainer = TorchTrainer(

@@ -30,7 +30,7 @@ from cube.data.qa import Source, text_hash
 from cube.job_config import EmbedConfig, PipelineOptions
 from cube.teachers import TeacherConfig, load_teacher
 from cube.teachers.generate import AnswerWriter, GeneratorConfig
-from jobs.common import ensure_ray, quiet_ray_data
+from jobs.common import configure_ray_data, ensure_ray
 from jobs.stages import (
     IDLE_ACTOR,
     LIGHT,
@@ -100,7 +100,7 @@ def _embed_dataset(texts, teacher: TeacherConfig, opts: PipelineOptions, folder:
     PROGRESS_EVERY_S seconds (texts done, texts/s, time left)."""
     import ray.data
 
-    quiet_ray_data()
+    configure_ray_data()
     device = "cuda" if opts.num_gpus > 0 else "cpu"
     actors_write = single_node()
     todo = without_restarts(texts.map_batches, SkipDone, fn_constructor_kwargs={"done": store.keys(folder)},

@@ -136,7 +136,10 @@ def read_tasks(opts: PipelineOptions | None) -> int:
 
 
 def read_source(source: Source, columns: list[str], opts: PipelineOptions | None = None, include_paths: bool = False):
-    """A streaming Ray dataset of the input's `columns` that exist (text columns as strings)."""
+    """A streaming Ray dataset of the input: Parquet read for those of `columns` it has (text
+    columns as strings). JSON Lines and CSV readers cannot leave columns out; the stages that
+    follow take theirs by name. No projection stage: each of its tasks was a worker process of
+    its own (LIGHT), and asking the dataset for its columns read the input once more."""
     import pyarrow.csv as pcsv
     import ray.data
 
@@ -155,8 +158,27 @@ def read_source(source: Source, columns: list[str], opts: PipelineOptions | None
         present = [c for c in columns if c in (source.columns() or [])]
         ds = ray.data.read_parquet(files, filesystem=source.fs, columns=present, include_paths=include_paths,
                                    **reads)
-    keep = [c for c in ds.columns() or [] if c in columns or c == "path"]
-    return ds.select_columns(keep, **LIGHT)
+    return ds
+
+
+def split_rows(split_root: str, split: str, columns: list[str], seed: int, opts: PipelineOptions | None = None):
+    """One split of a run's split dataset as Ray Data reads it for Ray Train: its files in a
+    seeded order that changes every epoch (the epoch's execution index), a few reads at once.
+    Ray Data samples a file on the driver to size its reads; that sampling's progress bar would
+    cut into the training bar, so it is off."""
+    import ray.data
+
+    from cube.data.split import filesystem
+
+    fs, path = filesystem(split_root)
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        return ray.data.read_parquet(f"{path}/split={split}", filesystem=fs, columns=columns,
+                                     shuffle=ray.data.FileShuffleConfig(seed=seed),
+                                     concurrency=max(2, read_tasks(opts)), **LIGHT)
+    finally:
+        ctx.enable_progress_bars = bars
 
 
 class PairRows:

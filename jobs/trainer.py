@@ -25,7 +25,7 @@ from cube.config import from_dict, save_config, to_dict
 from cube.data.bank import AnswerBank, write_bank_from_split
 from cube.data.qa import DataError, Source
 from cube.data.rundir import RunDir, write_json
-from cube.data.split import SplitData, filesystem
+from cube.data.split import SplitData
 from cube.data.storage import Storage
 from cube.eval.report import evaluate_run
 from cube.job_config import DecoderJobConfig, TrainConfig
@@ -33,8 +33,8 @@ from cube.train.checkpoint import load_checkpoint, load_train_state, publish, sa
 from cube.train.loop import EpochEnd, build_model, fit
 from cube.train.optim import lattice_kernel, peak_lr, use_cuda_graphs
 from cube.train.step import DivergenceError
-from jobs.common import ensure_ray, quiet_ray_data, require_resources, setup_logging, trim_heap, user_error_in
-from jobs.stages import LIGHT, read_tasks
+from jobs.common import configure_ray_data, ensure_ray, require_resources, setup_logging, trim_heap, user_error_in
+from jobs.stages import split_rows
 
 log = logging.getLogger("cube.train")
 
@@ -212,16 +212,12 @@ def trainer_for(run: RunDir, cfg: TrainConfig, storage: str, callbacks: list | N
     """The TorchTrainer for a prepared run folder. `storage` is Ray Train's storage path (the
     run's `ray/`, or `URI/ray`): every worker writes its checkpoints there, whatever its node.
     The training split is a Ray Data dataset, split between the workers (streaming_split)."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     config = loop_config(run, cfg)
-    quiet_ray_data()
-    fs, path = filesystem(config["split_root"])
-    train = ray.data.read_parquet(f"{path}/split=train", filesystem=fs, columns=["q_vec", "a_vec"],
-                                  shuffle=ray.data.FileShuffleConfig(seed=cfg.seed),
-                                  concurrency=max(2, read_tasks(cfg.pipeline)), **LIGHT)
+    configure_ray_data()
+    train = split_rows(config["split_root"], "train", ["q_vec", "a_vec"], cfg.seed, cfg.pipeline)
     # The ingest's blocks in flight, bounded: a few batches' worth for each worker, not a share of
     # the node's object store (what Ray Data would take by default).
     ingest = ray.train.DataConfig.default_ingest_options()

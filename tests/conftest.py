@@ -144,6 +144,26 @@ def qa_sample(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sample_with_vectors(qa_sample, tmp_path_factory) -> Path:
+    """The sample as a Parquet file that brings its own embeddings (MiniLM's, in the columns
+    `question_embedding` and `answer_embedding`): the input of a bring-your-own-embeddings run."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cube.teachers import HFTeacher, TeacherConfig
+
+    pairs = pd.read_json(qa_sample, lines=True)
+    teacher = HFTeacher(TeacherConfig())
+    col = lambda v: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])  # noqa: E731
+    path = tmp_path_factory.mktemp("byo") / "pairs.parquet"
+    pq.write_table(pa.table({"question": pairs["question"], "answer": pairs["answer"],
+                             "question_embedding": col(teacher.embed(pairs["question"].tolist()).vectors),
+                             "answer_embedding": col(teacher.embed(pairs["answer"].tolist()).vectors)}), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def demo(ray_cluster, qa_sample, tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess]:
     """(run, report, process) of `cube demo` on the sample with the smoke config: it trains one
     undisturbed 2-worker run, evaluates it and asks it three questions over HTTP. That run is the

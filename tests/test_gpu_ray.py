@@ -8,26 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.ray
 
 
-def test_the_gpu_script_runs_every_section_on_the_cpu(ray_cluster, qa_sample, tmp_path):
-    import pandas as pd
-
-    from cube.teachers import HFTeacher, TeacherConfig
-
-    pairs = pd.read_json(qa_sample, lines=True)
-    teacher = HFTeacher(TeacherConfig())
-    col = lambda v: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])  # noqa: E731
-    data = tmp_path / "pairs.parquet"
-    pq.write_table(pa.table({"question": pairs["question"], "answer": pairs["answer"],
-                             "question_embedding": col(teacher.embed(pairs["question"].tolist()).vectors),
-                             "answer_embedding": col(teacher.embed(pairs["answer"].tolist()).vectors)}), data)
+def test_the_gpu_script_runs_every_section_on_the_cpu(ray_cluster, sample_with_vectors, tmp_path):
+    data = sample_with_vectors
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_ray", "--data", str(data), "--device", "cpu", "--quick",
                            "--epochs", "2", "--trials", "1", "--requests", "24", "--port", str(free_port()),

@@ -85,8 +85,8 @@ def test_an_absurd_learning_rate_stops_with_one_line_and_claims_nothing(ray_clus
     assert not (tmp_path / "run" / "eval.json").exists() and not (tmp_path / "run" / "model").exists()
 
 
-def test_bring_your_own_embeddings_round_trip_with_the_lattice_off_under_ddp(ray_cluster, qa_sample, tmp_path,
-                                                                             caplog):
+def test_bring_your_own_embeddings_round_trip_with_the_lattice_off_under_ddp(ray_cluster, sample_with_vectors,
+                                                                             tmp_path, caplog):
     """A Parquet file that carries its vectors trains without any teacher embedding it; the
     teacher named in the config then embeds new questions for `cube eval --data`, and one whose
     dimension does not match is a clear error. The run also saves an IVF index beside its bank
@@ -97,33 +97,24 @@ def test_bring_your_own_embeddings_round_trip_with_the_lattice_off_under_ddp(ray
     for one. They end exactly as they were built, while the direct path trained."""
     import logging
 
-    import pyarrow as pa
+    import numpy as np
     import pyarrow.parquet as pq
     import torch
 
     from cube.config import load_config
     from cube.data.rundir import RunDir
     from cube.job_config import TrainConfig
-    from cube.teachers import HFTeacher, TeacherConfig
     from cube.train.checkpoint import load_checkpoint
     from cube.train.loop import build_model
     from jobs.eval import held_out_file
     from jobs.trainer import train
 
-    pairs = pd.read_json(qa_sample, lines=True)
-    teacher = HFTeacher(TeacherConfig())
-    q, a = teacher.embed(pairs["question"].tolist()).vectors, teacher.embed(pairs["answer"].tolist()).vectors
-
-    def byo(path, qv, av):
-        col = lambda v: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])  # noqa: E731
-        pq.write_table(pa.table({"question": pairs["question"], "answer": pairs["answer"],
-                                 "question_embedding": col(qv), "answer_embedding": col(av)}), path)
-
-    byo(tmp_path / "mine.parquet", q, a)
+    q = np.stack(pq.read_table(sample_with_vectors, columns=["question_embedding"]).column(0).to_numpy(
+        zero_copy_only=False))
     cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml",
                       ["optim.epochs=2", "workers=2", "bank_index.kind=ivf", "baselines=mean_answer",
                        "cube.lattice=false", "cube.skip=true"])
-    report = train(tmp_path / "mine.parquet", tmp_path / "run", cfg)
+    report = train(sample_with_vectors, tmp_path / "run", cfg)
     assert report["cube"]["nonfinite"] == 0
     assert report["cube"]["mrr"] > report["baselines"]["mean_answer"]["mrr"] + 0.3
     model, _ = load_checkpoint(tmp_path / "run" / "model")
