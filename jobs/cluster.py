@@ -161,6 +161,9 @@ def node_env() -> dict[str, str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)  # a head must never go looking for another cluster
     env.setdefault("RAY_AUTH_MODE", "token")
+    # `cube cluster down` stops every node, so no node is left to take over a draining node's
+    # work: Ray 2.60's drain on SIGTERM (up to 30 s a node) would only delay the stop.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     return env
 
 

@@ -54,6 +54,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
 
     port, dash, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Ray drains a node for up to 30 s on SIGTERM, for its Serve replicas' sake; the suite's
+    # head stops once every test is done, with nothing left to drain for.
+    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
@@ -61,7 +64,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
          # the job agent's default port may be held by another Ray on this machine (a user's own)
          f"--dashboard-agent-listen-port={agent}",
          "--object-store-memory=400000000", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        env=head_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
