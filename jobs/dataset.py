@@ -23,10 +23,9 @@ from cube.data.split import Moments, SplitData, filesystem
 from cube.job_config import TrainConfig
 from jobs.common import configure_ray_data, ensure_ray, user_error_in
 from jobs.embedding import embed_source
-from jobs.stages import LIGHT, PairRows, read_source, read_tasks
+from jobs.stages import LIGHT, ROWS_PER_TASK, PairRows, read_source, read_tasks
 
 log = logging.getLogger("cube.data")
-ROWS_PER_TASK = 8_192  # rows a PairRows call handles: one filtered store scan each (teacher path)
 MIN_ROWS_PER_FILE = 50_000  # fewer, larger split files
 SPLIT_OBJECT_STORE = 256 * 2**20  # bytes of blocks in flight while the split is written (at least 4 blocks)
 

@@ -34,6 +34,7 @@ from jobs.common import configure_ray_data, ensure_ray
 from jobs.stages import (
     IDLE_ACTOR,
     LIGHT,
+    ROWS_PER_TASK,
     PartSink,
     SkipDone,
     generated_table,
@@ -190,7 +191,8 @@ def embed_source(source: Source, columns: tuple[str, ...], teacher: TeacherConfi
     identity = teacher.identity()
     folder = store.open_store(folder or store.default_store(identity, opts.store_dtype), identity, opts.store_dtype)
     ensure_ray()
-    texts = read_source(source, list(columns), opts).map_batches(texts_of(columns), batch_format="pandas", **LIGHT)
+    texts = read_source(source, list(columns), opts).map_batches(texts_of(columns), batch_format="pandas",
+                                                                     batch_size=ROWS_PER_TASK, **LIGHT)
     log.info("embedding the texts of %s with %s into %s", source.spec, teacher.name, folder)
     _embed_dataset(texts, teacher, opts, folder, total)
     return folder
@@ -213,7 +215,7 @@ def generate_answers(source: Source, out: Path, cfg: EmbedConfig) -> Path:
     device = "cuda" if cfg.pipeline.num_gpus > 0 else "cpu"
     done = store.keys(parts)
     questions = read_source(source, [cfg.data.question_col], cfg.pipeline).map_batches(
-        with_question_keys(cfg.data.question_col), batch_format="pandas", **LIGHT)
+        with_question_keys(cfg.data.question_col), batch_format="pandas", batch_size=ROWS_PER_TASK, **LIGHT)
     todo = without_restarts(questions.map_batches, SkipDone, fn_constructor_kwargs={"done": done},
                             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), **IDLE_ACTOR)
     answered = without_restarts(

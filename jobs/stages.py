@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 # filter is an actor that idles between batches, so it reserves none. Ray Data's Parquet file
 # listing still asks for a whole CPU and takes no options: see check_room_for_listing.
 LIGHT = {"num_cpus": 0.25, "max_calls": 1}
+# Rows a light task takes at once. A worker process per task (above) costs about a second of CPU:
+# small input blocks (Ray Data cuts even a small file into several) are gathered into one task.
+ROWS_PER_TASK = 8_192
 IDLE_ACTOR = {"num_cpus": 0}
 # max_restarts=0 on our actors: with restarts on, Ray's core worker prints an error line about
 # constructor arguments in the object store on every run. Nothing is lost without them: a dead
