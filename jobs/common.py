@@ -310,13 +310,19 @@ def require_resources(bundles: list[dict[str, float]], what: str, wait_s: float 
 
     bundles = [{k: v for k, v in b.items() if v} for b in bundles]
     wait = READY_S if _embedded else max(wait_s, READY_S)
-    if wait > READY_S:
-        log.info("waiting up to %.0f s for the cluster to hold %s", wait, what)
-    group = placement_group(bundles, strategy="PACK")
-    try:
-        ready, _ = ray.wait([group.ready()], timeout=wait)
-    finally:
-        remove_placement_group(group)
+    # A bundle that no node could hold even idle (a GPU on a CPU-only cluster) fails without the
+    # placement's wait, unless nodes may join in the meantime.
+    nodes = node_resources()
+    if not (wait_s and not _embedded) and not all(fits([b], nodes) for b in bundles):
+        ready = []
+    else:
+        if wait > READY_S:
+            log.info("waiting up to %.0f s for the cluster to hold %s", wait, what)
+        group = placement_group(bundles, strategy="PACK")
+        try:
+            ready, _ = ray.wait([group.ready()], timeout=wait)
+        finally:
+            remove_placement_group(group)
     if ready:
         return
     counts: dict[str, int] = {}

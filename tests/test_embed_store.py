@@ -40,6 +40,13 @@ def test_kill_mid_run_then_resume_embeds_only_the_rest(ray_cluster, tmp_path):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The embedded cluster's teacher actor outlives its driver by a moment, and may finish the
+    # part it was writing: read the store once it has stopped changing.
+    parts, steady = store.parts(out), time.time()
+    while time.time() - steady < 3:
+        time.sleep(0.5)
+        if (now := store.parts(out)) != parts:
+            parts, steady = now, time.time()
     done = set(store.keys(out).tolist())
     assert 0 < len(done) < len(expected)
     before = {p: p.stat().st_mtime_ns for p in store.parts(out)}
