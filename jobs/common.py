@@ -312,10 +312,10 @@ def require_resources(bundles: list[dict[str, float]], what: str, wait_s: float 
     wait = READY_S if _embedded else max(wait_s, READY_S)
     # A bundle that no node could hold even idle (a GPU on a CPU-only cluster) fails without the
     # placement's wait, unless nodes may join in the meantime.
-    nodes = node_resources()
-    if not (wait_s and not _embedded) and not all(fits([b], nodes) for b in bundles):
-        ready = []
-    else:
+    nodes_may_join = bool(wait_s) and not _embedded
+    totals = node_resources()
+    ready: list = []
+    if nodes_may_join or all(fits([b], totals) for b in bundles):
         if wait > READY_S:
             log.info("waiting up to %.0f s for the cluster to hold %s", wait, what)
         group = placement_group(bundles, strategy="PACK")

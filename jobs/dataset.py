@@ -21,7 +21,7 @@ from cube.data import store
 from cube.data.qa import SPLITS, DataConfig, DataError, Source, plan_splits, scan
 from cube.data.split import Moments, SplitData, filesystem
 from cube.job_config import TrainConfig
-from jobs.common import configure_ray_data, ensure_ray, user_error_in
+from jobs.common import ensure_ray, user_error_in
 from jobs.embedding import embed_source
 from jobs.stages import LIGHT, ROWS_PER_TASK, PairRows, read_source, read_tasks
 
@@ -57,7 +57,6 @@ def prepare_split(data: str, cfg: TrainConfig, split_root: str) -> Prepared:
     log.info("%s: %s pairs; split by shared questions and answers into %s", data, f"{len(s):,}",
              ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     ensure_ray()
-    configure_ray_data()
     columns = [cfg.data.question_col, cfg.data.answer_col, cfg.data.topic_col]
     folder = None
     if dim is None:

@@ -34,7 +34,7 @@ from cube.decoder.model import WEIGHTS, EmbeddingDecoder, build_decoder
 from cube.job_config import DecoderJobConfig
 from cube.teachers.base import TeacherError, resolve_source
 from cube.train.checkpoint import publish
-from jobs.common import configure_ray_data, ensure_ray, require_resources
+from jobs.common import ensure_ray, require_resources
 from jobs.stages import split_rows
 from jobs.trainer import EpochBar, quiet_worker, worker_resources
 
@@ -206,7 +206,6 @@ def train_decoder(run_path: str | Path, cfg: DecoderJobConfig | None, resume: bo
     # the workers, and one CPU beside them for Ray Data's reader (as for the cube)
     require_resources([worker_resources(cfg)] * cfg.workers + [{"CPU": 1.0}],
                       f"decoder training with {cfg.workers} workers", 0.0)
-    configure_ray_data()
     train = split_rows(root, "train", ["answer", "a_vec"], cfg.seed)
     if cfg.max_answers:
         train = train.limit(cfg.max_answers)

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from cube.data import store
 from cube.data.qa import SPLITS, DataConfig, DataError, Source, SplitPlan, text_hash
-from jobs.common import ResourceError, require_resources
+from jobs.common import ResourceError, configure_ray_data, require_resources
 
 if TYPE_CHECKING:
     from cube.job_config import PipelineOptions
@@ -138,6 +138,24 @@ def read_tasks(opts: PipelineOptions | None) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // 4)
 
 
+def read_parquet(paths: Any, **kwargs: Any):
+    """`ray.data.read_parquet` with this project's Ray Data settings (`configure_ray_data`: the
+    V1 reader). The V1 reader samples a file on the driver, as it is called, to size its reads;
+    that sampling's progress bar would cut into our own bars, so it is off while it runs and the
+    dataset keeps the driver's setting for its own execution."""
+    import ray.data
+
+    configure_ray_data()
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        ds = ray.data.read_parquet(paths, **kwargs)
+    finally:
+        ctx.enable_progress_bars = bars
+    ds.context.enable_progress_bars = bars  # the dataset took a copy of the context
+    return ds
+
+
 def read_source(source: Source, columns: list[str], opts: PipelineOptions | None = None, include_paths: bool = False):
     """A streaming Ray dataset of the input: Parquet read for those of `columns` it has (text
     columns as strings). JSON Lines and CSV readers cannot leave columns out; the stages that
@@ -146,6 +164,7 @@ def read_source(source: Source, columns: list[str], opts: PipelineOptions | None
     import pyarrow.csv as pcsv
     import ray.data
 
+    configure_ray_data()
     files = list(source.files)
     reads = {**LIGHT, "concurrency": read_tasks(opts)}
     if source.format == "jsonl":
@@ -159,29 +178,20 @@ def read_source(source: Source, columns: list[str], opts: PipelineOptions | None
         if opts is not None:
             check_room_for_listing(opts)
         present = [c for c in columns if c in (source.columns() or [])]
-        ds = ray.data.read_parquet(files, filesystem=source.fs, columns=present, include_paths=include_paths,
-                                   **reads)
+        ds = read_parquet(files, filesystem=source.fs, columns=present, include_paths=include_paths, **reads)
     return ds
 
 
 def split_rows(split_root: str, split: str, columns: list[str], seed: int, opts: PipelineOptions | None = None):
     """One split of a run's split dataset as Ray Data reads it for Ray Train: its files in a
-    seeded order that changes every epoch (the epoch's execution index), a few reads at once.
-    Ray Data samples a file on the driver to size its reads; that sampling's progress bar would
-    cut into the training bar, so it is off."""
+    seeded order that changes every epoch (the epoch's execution index), a few reads at once."""
     import ray.data
 
     from cube.data.split import filesystem
 
     fs, path = filesystem(split_root)
-    ctx = ray.data.DataContext.get_current()
-    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
-    try:
-        return ray.data.read_parquet(f"{path}/split={split}", filesystem=fs, columns=columns,
-                                     shuffle=ray.data.FileShuffleConfig(seed=seed),
-                                     concurrency=max(2, read_tasks(opts)), **LIGHT)
-    finally:
-        ctx.enable_progress_bars = bars
+    return read_parquet(f"{path}/split={split}", filesystem=fs, columns=columns,
+                        shuffle=ray.data.FileShuffleConfig(seed=seed), concurrency=max(2, read_tasks(opts)), **LIGHT)
 
 
 class PairRows:

@@ -33,7 +33,7 @@ from cube.train.checkpoint import load_checkpoint, load_train_state, publish, sa
 from cube.train.loop import EpochEnd, build_model, fit
 from cube.train.optim import lattice_kernel, peak_lr, use_cuda_graphs
 from cube.train.step import DivergenceError
-from jobs.common import configure_ray_data, ensure_ray, require_resources, setup_logging, trim_heap, user_error_in
+from jobs.common import ensure_ray, require_resources, setup_logging, trim_heap, user_error_in
 from jobs.stages import split_rows
 
 log = logging.getLogger("cube.train")
@@ -216,7 +216,6 @@ def trainer_for(run: RunDir, cfg: TrainConfig, storage: str, callbacks: list | N
     from ray.train.torch import TorchTrainer
 
     config = loop_config(run, cfg)
-    configure_ray_data()
     train = split_rows(config["split_root"], "train", ["q_vec", "a_vec"], cfg.seed, cfg.pipeline)
     # The ingest's blocks in flight, bounded: a few batches' worth for each worker, not a share of
     # the node's object store (what Ray Data would take by default).
