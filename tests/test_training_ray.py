@@ -97,20 +97,19 @@ def test_bring_your_own_embeddings_round_trip_with_the_lattice_off_under_ddp(ray
     for one. They end exactly as they were built, while the direct path trained."""
     import logging
 
-    import numpy as np
     import pyarrow.parquet as pq
     import torch
 
     from cube.config import load_config
     from cube.data.rundir import RunDir
+    from cube.data.split import vectors
     from cube.job_config import TrainConfig
     from cube.train.checkpoint import load_checkpoint
     from cube.train.loop import build_model
     from jobs.eval import held_out_file
     from jobs.trainer import train
 
-    q = np.stack(pq.read_table(sample_with_vectors, columns=["question_embedding"]).column(0).to_numpy(
-        zero_copy_only=False))
+    q = vectors(pq.read_table(sample_with_vectors, columns=["question_embedding"]).column(0))
     cfg = load_config(TrainConfig, ROOT / "configs" / "smoke.yaml",
                       ["optim.epochs=2", "workers=2", "bank_index.kind=ivf", "baselines=mean_answer",
                        "cube.lattice=false", "cube.skip=true"])
