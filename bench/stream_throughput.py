@@ -69,7 +69,7 @@ def measure(run: Path, rows: int, epochs: int, cube_overrides: list[str], use_gp
     from cube.config import apply_overrides, from_dict, to_dict
     from cube.data.rundir import RunDir
     from cube.job_config import TrainConfig
-    from jobs.stages import read_parquet
+    from jobs.stages import split_rows
 
     r = RunDir(run)
     cfg = r.config(TrainConfig)
@@ -77,7 +77,8 @@ def measure(run: Path, rows: int, epochs: int, cube_overrides: list[str], use_gp
     cfg = from_dict(TrainConfig, apply_overrides(to_dict(cfg), TrainConfig, overrides))
     info = r.split_info()
     split = r.split()
-    train = read_parquet(f"{split.root}/split=train", columns=["q_vec", "a_vec"]).limit(rows)
+    # the training read of `cube train`
+    train = split_rows(split.root, "train", ["q_vec", "a_vec"], cfg.seed, cfg.pipeline).limit(rows)
     trainer = TorchTrainer(worker, train_loop_config={
         "cfg": to_dict(cfg), "split_root": str(Path(split.root).resolve()), "rows": rows,
         "q_mean": info["q_mean"], "a_mean": info["a_mean"]},

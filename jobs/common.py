@@ -200,19 +200,12 @@ def route_raylet_messages() -> None:
 
 def configure_ray_data() -> None:
     """This driver's Ray Data settings, set before it builds a dataset: one progress bar per
-    pipeline (not one per operator), no plan printout, and Parquet read by Ray Data's V1 reader.
-
-    Ray 2.60's default Parquet reader (DataSourceV2) starts a pool of 32 footer-reader actors,
-    each a new worker process, every time a dataset executes, and Ray Train executes the
-    training shard's dataset again every epoch. On a 2-core node that cost about 3 s an epoch
-    against 0.2 s for the V1 reader on a one-file split (and the pool held 0.6 GB at 2M rows,
-    docs/data.md). The V1 reader reads the footers of a split's few files without a pool."""
+    pipeline (not one per operator), and no plan printout."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_operator_progress_bars = _verbose
     ctx.print_on_execution_start = _verbose
-    ctx.use_datasource_v2 = False
     route_ray_logs()  # importing ray.data gave its logger a console handler of its own
 
 

@@ -27,6 +27,9 @@ from jobs.stages import LIGHT, ROWS_PER_TASK, PairRows, read_source, read_tasks
 
 log = logging.getLogger("cube.data")
 MIN_ROWS_PER_FILE = 50_000  # fewer, larger split files
+# ... but none larger than this: Ray Train's reads give each split file to one task whole
+# (jobs.stages.split_rows), so a file's size bounds what one read holds.
+MAX_SPLIT_FILE_BYTES = 256 * 2**20
 SPLIT_OBJECT_STORE = 256 * 2**20  # bytes of blocks in flight while the split is written (at least 4 blocks)
 
 
@@ -85,11 +88,14 @@ def prepare_split(data: str, cfg: TrainConfig, split_root: str) -> Prepared:
     # Bounded: a few blocks in flight rather than Ray Data's share of the node's object store,
     # whose shared-memory pages stay resident once touched, for as long as Ray runs.
     limits = rows.context.execution_options.resource_limits
-    in_flight = max(SPLIT_OBJECT_STORE, 4 * ROWS_PER_TASK * (8 * dim + 512))
+    row_bytes = 8 * dim + 512  # two float32 vectors and their texts
+    in_flight = max(SPLIT_OBJECT_STORE, 4 * ROWS_PER_TASK * row_bytes)
+    file_rows = MAX_SPLIT_FILE_BYTES // row_bytes
     rows.context.execution_options.resource_limits = limits.copy(object_store_memory=in_flight)
     try:
         rows.write_parquet(split_root if "://" in split_root else path, filesystem=fs, partition_cols=["split"],
-                           min_rows_per_file=MIN_ROWS_PER_FILE, ray_remote_args=LIGHT)
+                           min_rows_per_file=min(MIN_ROWS_PER_FILE, file_rows), max_rows_per_file=file_rows,
+                           ray_remote_args=LIGHT)
     except Exception as e:
         fs.delete_dir_contents(path, missing_dir_ok=True)
         cause = user_error_in(e, DataError)
