@@ -10,7 +10,9 @@ whole test pool. The training pairs of a smaller size are a seeded subset of the
 validation and test never change. `cube train`'s two DDP workers of 32 are one process with a
 batch of 64 here (the same global batch and rate; InfoNCE sees 64 in-batch negatives, not 32).
 Vectors are embedded once (in this process, with the teacher) and cached in --out. Writes
-results.csv, a Markdown table and a plot.
+results.csv, a Markdown table and a plot; while a row is unfinished, the parts it has finished
+(the baselines, each cube) are kept in partial-TEACHER.json, and a rerun of the same command
+goes on from there.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def main() -> None:
     rows = []
     results = args.out / f"results-{args.teacher}.csv"
     done = pd.read_csv(results) if results.is_file() else pd.DataFrame()
+    # A row's parts as they finish (its baselines, then each cube): a run cut off mid-row (the
+    # whole split's row takes over an hour on a 2-core CPU) resumes from its last finished part.
+    partial_path = args.out / f"partial-{args.teacher}.json"
+    partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
     for size in args.sizes:
         n = size or len(train_q)
         seeds = args.full_seeds if (size == 0 and args.full_seeds) else args.seeds
@@ -79,13 +85,21 @@ def main() -> None:
                 continue
             idx = np.sort(np.random.default_rng(seed).permutation(len(train_q))[:n])
             train = Split(torch.from_numpy(train_q[idx]), torch.from_numpy(train_a[idx]))
-            row = {"size": n, "seed": seed, "pool": len(test.pool), "questions": len(test)}
-            t0 = time.perf_counter()
-            fitted = fit_baselines(TrainData.in_memory(train), val, seeds=1, recipe=MLPRecipe(threads=args.threads))
-            base = score_baselines(fitted, TrainData.in_memory(train).centering, test)
-            row.update({f"{k}": v["mrr"] for k, v in base["baselines"].items()})
-            row["best_baseline"] = base["best_baseline"]
+            key = f"{n}/{seed}"
+            row = partial.get(key) or {"size": n, "seed": seed, "pool": len(test.pool), "questions": len(test),
+                                       "seconds": 0.0}
+            if "best_baseline" not in row:
+                t0 = time.perf_counter()
+                fitted = fit_baselines(TrainData.in_memory(train), val, seeds=1,
+                                       recipe=MLPRecipe(threads=args.threads))
+                base = score_baselines(fitted, TrainData.in_memory(train).centering, test)
+                row.update({f"{k}": v["mrr"] for k, v in base["baselines"].items()})
+                row["best_baseline"] = base["best_baseline"]
+                save_part(partial_path, partial, key, row, t0)
             for name, lattice in (("cube", True), ("cube_no_lattice", False)):
+                if name in row:
+                    continue
+                t0 = time.perf_counter()
                 run_cfg = dataclasses.replace(cfg, cube=dataclasses.replace(cfg.cube, lattice=lattice), seed=seed)
                 model = build_model(run_cfg.cube, train.q.mean(0), train.a.mean(0), seed=seed)
                 # `cube train` runs `workers` DDP ranks of batch_size each: here one process takes
@@ -94,12 +108,24 @@ def main() -> None:
                 progress = fit(model, train, val, run_cfg.loss, optim, seed=seed)
                 row[name] = score_held_out(model, test)["mrr"]
                 row[f"{name}_best_val"] = progress.best_val_mrr
-            row["seconds"] = time.perf_counter() - t0
+                save_part(partial_path, partial, key, row, t0)
             print(json.dumps(row), flush=True)
             rows.append(row)
             pd.DataFrame(rows).to_csv(results, index=False)
+            partial.pop(key, None)
+            if partial:
+                partial_path.write_text(json.dumps(partial, indent=1))
+            else:
+                partial_path.unlink(missing_ok=True)
     table = pd.DataFrame(rows)
     write_report(table, args)
+
+
+def save_part(path: Path, partial: dict, key: str, row: dict, since: float) -> None:
+    """Record a finished part of a row (and the seconds it took) in the partial-results file."""
+    row["seconds"] += time.perf_counter() - since
+    partial[key] = row
+    path.write_text(json.dumps(partial, indent=1))
 
 
 def write_report(table: pd.DataFrame, args: argparse.Namespace) -> None:
