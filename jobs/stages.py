@@ -156,16 +156,15 @@ def parquet_files(fs: pafs.FileSystem, folder: str) -> list[str]:
 
 def read_parquet(files: list[str], filesystem: pafs.FileSystem | None = None, columns: list[str] | None = None,
                  **kwargs: Any):
-    """`ray.data.read_parquet` of these files, with this project's Ray Data settings
-    (`configure_ray_data`) and a footer-reader pool sized to the files (one actor per ten files,
-    1 to 32; Ray reads the number from its environment as the dataset is built).
+    """`ray.data.read_parquet` of these files (the input: `read_source`, which applies
+    `configure_ray_data`), with a footer-reader pool sized to the files (one actor per ten
+    files, 1 to 32; Ray reads the number from its environment as the dataset is built).
 
     Ray's current reader cuts files into reads by row group, so one 10 GB file streams through
     many small reads. (The V1 reader, `DataContext.use_datasource_v2 = False`, gives a whole file
     to one task: it put a 9 GB input file into the object store at once, spilling it to disk.)"""
     import ray.data
 
-    configure_ray_data()
     actors = min(MAX_FOOTER_ACTORS, max(1, -(-len(files) // FILES_PER_FOOTER_ACTOR)))
     before = os.environ.get(FOOTER_ACTORS_ENV)
     os.environ[FOOTER_ACTORS_ENV] = str(actors)
@@ -233,7 +232,7 @@ def split_rows(split_root: str, split: str, columns: list[str], seed: int, opts:
                                    concurrency=max(2, read_tasks(opts)), **LIGHT)
     finally:
         ctx.use_datasource_v2, ctx.enable_progress_bars = v2, bars
-    ds.context.use_datasource_v2, ds.context.enable_progress_bars = v2, bars  # the dataset took a copy
+    ds.context.enable_progress_bars = bars  # the dataset took a copy (the reader is chosen as it is built)
     return ds
 
 
