@@ -22,8 +22,9 @@ section writes OUT/<section>.json as it ends, so a run cut short keeps what it f
 5. precision: validation MRR of fp32, TF32 and bf16 training on the same data and seed.
 
 `--quick` on the CPU runs each path once: one sweep (without a GPU, packed and whole trials are
-the same sweep), bf16 alone (fp32 is the train section's run), and no kill-and-resume (the
-suite's tests/test_training_ray.py kills a driver and resumes on the CPU).
+the same sweep), the train section's run in bf16 (the precision section reports it rather than
+start Ray Train once more), and no kill-and-resume (the suite's tests/test_training_ray.py kills a
+driver and resumes on the CPU).
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def train_config(args: argparse.Namespace, *extra: str) -> list[str]:
     sets = ["workers=1", f"use_gpu={str(args.device == 'cuda').lower()}", f"optim.epochs={args.epochs}",
             "baselines=identity,ridge", "val_questions=500", *extra]
 
-    if args.quick:
-        sets += ["cube.width=6", "cube.height=6", "cube.depth=4", "cube.steps=4", "cube.channels=6", "cube.hidden=16",
-                 "cube.io_channels=2", "optim.batch_size=32"]
+    if args.quick:  # bf16: the precision section's one run (section_precision)
+        sets += ["optim.precision=bf16", "cube.width=6", "cube.height=6", "cube.depth=4", "cube.steps=4",
+                 "cube.channels=6", "cube.hidden=16", "cube.io_channels=2", "optim.batch_size=32"]
     return sets
 
 
@@ -96,7 +97,8 @@ def section_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         split.held_out("val", questions=cfg.val_questions), cfg.loss, cfg.optim,
         on_epoch=lambda end: seen.append(end.metrics["samples_per_s"]))
     local_rate = statistics.median(seen[1:] or seen)
-    result = {"device": args.device, "epochs": int(len(metrics)), "seconds": round(took, 1),
+    result = {"device": args.device, "precision": cfg.optim.precision, "epochs": int(len(metrics)),
+              "seconds": round(took, 1),
               "epoch_seconds": round(took / max(len(metrics), 1), 1),
               "samples_per_s_ray": round(ray_rate), "samples_per_s_without_ray": round(local_rate),
               "ratio_ray_to_without": round(ray_rate / local_rate, 3),
@@ -226,15 +228,17 @@ def section_precision(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from cube.job_config import TrainConfig
     from jobs.trainer import train
 
+    if args.quick:  # the CPU check: that bf16 runs through Ray Train, which the train section's run did
+        run = work / "train"
+        report = json.loads((run / "eval.json").read_text())
+        best = json.loads((run / "model" / "config.json").read_text())["val"]["mrr"]
+        return {"bf16": {"val_mrr": best, "test_mrr": report["cube"]["mrr"], "run": "the train section's"}}
     result = {}
     for name, sets in (("fp32", ["optim.precision=fp32", "optim.tf32=off"]),
                        ("tf32", ["optim.precision=fp32", "optim.tf32=on"]), ("bf16", ["optim.precision=bf16"])):
         if name == "tf32" and args.device != "cuda":
             continue  # TF32 is a mode of CUDA's tensor cores
-        if name == "fp32" and args.quick:
-            continue  # the CPU check: that bf16 runs through Ray Train; fp32 is the train section's run
-        short = ["optim.epochs=1"] if args.quick else []  # the CPU check: that it runs, not what it measures
-        cfg = load_config(TrainConfig, None, train_config(args, *sets, *short))
+        cfg = load_config(TrainConfig, None, train_config(args, *sets))
         report = train(args.data, work / f"precision-{name}", cfg)
         best = json.loads((work / f"precision-{name}" / "model" / "config.json").read_text())["val"]["mrr"]
         result[name] = {"val_mrr": best, "test_mrr": report["cube"]["mrr"]}

@@ -25,6 +25,7 @@ from pathlib import Path
 from cube.data.qa import load_qa
 from cube.data.rundir import RunDir
 from cube.data.storage import Storage
+from cube.eval.baselines import parse_baselines
 from cube.eval.metrics import HeldOut
 from cube.eval.report import evaluate_run, format_report
 from cube.job_config import TrainConfig
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder written by `cube train`: a path or a storage URI")
     p.add_argument("--data", help="evaluate on every row of this Q&A file instead of the run's test split")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--baselines", metavar="LIST",
+                   help="baselines to fit and report: all, or a comma list such as identity,ridge "
+                        "(default: the run's own `baselines` setting; the MLPs take most of the time)")
     p.add_argument("--generate", action="store_true",
                    help="also score answer generation (needs RUN/decoder from `cube decoder`); "
                         "writes RUN/generation.json")
@@ -72,13 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.baselines is not None:
+        parse_baselines(args.baselines)  # a bad name fails before anything is loaded
     with Storage.of(args.run).reading() as path:
         if args.data is None:
-            report = evaluate_run(path)
+            report = evaluate_run(path, baselines=args.baselines)
         else:
             run = RunDir(path)
             run.require("model")
-            report = evaluate_run(path, held_out_file(run, args.data), source=f"{args.data} (all rows)")
+            report = evaluate_run(path, held_out_file(run, args.data), source=f"{args.data} (all rows)",
+                                  baselines=args.baselines)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     if args.generate:
         from cube.data.rundir import write_json

@@ -92,6 +92,17 @@ def test_the_bank_holds_each_answer_once_and_searches_exactly_in_blocks(tmp_path
     assert len(bank.extended(["brand new.", bank.texts[0]], np.ones((2, E), np.float32))) == rows + 1
 
 
+def test_the_bank_writer_keeps_each_answers_first_vector_across_batches(tmp_path):
+    from cube.data.bank import BankWriter
+
+    writer = BankWriter(str(tmp_path / "bank"))
+    writer.add(["a", "b", "a", "c"], np.arange(8, dtype=np.float32).reshape(4, 2))
+    writer.add(["c", "d", "b", "e", "d"], np.arange(10, dtype=np.float32).reshape(5, 2) + 100)
+    assert writer.close() == 5 and writer.seen.nbytes == 5 * 8  # its memory: 8 bytes per answer
+    bank = AnswerBank.read(str(tmp_path / "bank"), torch.zeros(2))
+    assert dict(zip(bank.texts, bank.vectors[:, 0].tolist())) == {"a": 0, "b": 2, "c": 6, "d": 102, "e": 106}
+
+
 def test_two_writers_share_a_store_without_losing_a_part(tmp_path):
     """Two processes embedding into one store at once (each opening it, as every job does, while
     the other has parts in flight): every part of both survives, and a leftover of a dead

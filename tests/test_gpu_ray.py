@@ -38,5 +38,6 @@ def test_the_gpu_script_runs_every_section_on_the_cpu(ray_cluster, sample_with_v
         assert [level["clients"] for level in placement] == [1, 32]
         assert all(np.isfinite(level["p50_ms"]) and level["p99_ms"] >= level["p50_ms"] for level in placement)
         assert max(int(size) for size in placement[1]["batch_sizes"]) > 1  # 32 clients make batches
-    assert "bf16" in result["precision"]  # fp32 is the train section's run in --quick
+    assert set(result["precision"]) == {"bf16", "section_seconds"}  # in --quick, the train section's run,
+    assert train["precision"] == "bf16"  # trained in bf16 through Ray Train
     assert all(0 < v["val_mrr"] <= 1 for k, v in result["precision"].items() if k != "section_seconds")

@@ -38,7 +38,7 @@ def job_run(smoke_run):
 
 
 def test_eval_and_analyze_jobs_on_a_run(ray_cluster, job_env, job_run):
-    proc = submit(ray_cluster, job_env, "jobs.eval", "--run", str(job_run), "--json")
+    proc = submit(ray_cluster, job_env, "jobs.eval", "--run", str(job_run), "--json", "--baselines", "identity")
     assert proc.returncode == 0, proc.stderr[-3000:]
     pool = len(set(RunDir(job_run).split().table("test", ["answer"]).column("answer").to_pylist()))
     assert f'"pool_size": {pool}' in proc.stdout

@@ -67,18 +67,26 @@ def test_training_beats_mean_answer_and_loss_falls(trained_run):
 
 
 def test_eval_json_shape(trained_run):
-    run, _ = trained_run
-    out = subprocess.run([sys.executable, "-m", "jobs.eval", "--run", str(run), "--json"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    """The run's eval.json (written at the end of training) has every metric for the cube and each
+    baseline; `cube eval --json --baselines` re-scores the cube exactly and fits only those asked."""
+    run, written = trained_run
+    keys = {"cos", "recall@1", "recall@5", "mrr", "nonfinite"}
+    assert written["pool_size"] == written["n_questions"] > 40
+    assert set(written["cube"]) == keys and written["cube"]["nonfinite"] == 0
+    assert {"identity", "mean_answer", "ridge", "mlp"} <= set(written["baselines"])
+    assert all(keys <= set(m) for m in written["baselines"].values())
+    assert "mrr_std" in written["baselines"]["mlp_centred"]  # stochastic: the mean over seeds
+    assert len(written["examples"]) == 5
+    out = subprocess.run([sys.executable, "-m", "jobs.eval", "--run", str(run), "--json", "--baselines", "ridge"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
-    assert report["pool_size"] == report["n_questions"] > 40
-    keys = {"cos", "recall@1", "recall@5", "mrr", "nonfinite"}
-    assert set(report["cube"]) == keys and report["cube"]["nonfinite"] == 0
-    assert {"identity", "mean_answer", "ridge", "mlp"} <= set(report["baselines"])
-    assert all(keys <= set(m) for m in report["baselines"].values())
-    assert "mrr_std" in report["baselines"]["mlp_centred"]  # stochastic: the mean over seeds
-    assert len(report["examples"]) == 5
+    assert set(report["baselines"]) == {"ridge", "ridge_centred"}
+    assert report["cube"] == pytest.approx(written["cube"]) and report["examples"] == written["examples"]
+    assert report["baselines"]["ridge"]["mrr"] == pytest.approx(written["baselines"]["ridge"]["mrr"])
+    bad = subprocess.run([sys.executable, "-m", "jobs.eval", "--run", str(run), "--baselines", "ridge,lasso"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "'lasso'" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
 
 
 def test_eval_on_another_file_uses_every_row(trained_run):
@@ -86,7 +94,7 @@ def test_eval_on_another_file_uses_every_row(trained_run):
     from jobs.eval import held_out_file
 
     run, _ = trained_run
-    report = evaluate_run(run, held_out_file(RunDir(run), ROOT / "tests" / "data" / "tiny.jsonl"))
+    report = evaluate_run(run, held_out_file(RunDir(run), ROOT / "tests" / "data" / "tiny.jsonl"), baselines="identity")
     assert report["pool_size"] == 8 and report["cube"]["mrr"] > report["chance"]["mrr"]
 
 

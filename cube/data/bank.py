@@ -87,7 +87,8 @@ def _bank_table(texts: list[str], vecs: np.ndarray, dtype: str) -> pa.Table:
 
 
 class BankWriter:
-    """Writes a bank folder part by part, skipping answers it has already written."""
+    """Writes a bank folder part by part, skipping answers it has already written. What it keeps
+    between parts is the sorted 64-bit keys of the answers written: 8 bytes each."""
 
     def __init__(self, target: str, dtype: str = "float32") -> None:
         if dtype not in DTYPES:
@@ -95,14 +96,18 @@ class BankWriter:
         self.fs, self.path = filesystem(target)
         self.fs.create_dir(self.path, recursive=True)
         self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
-        self.dtype, self.seen = dtype, set()
+        self.dtype, self.seen = dtype, np.zeros(0, np.uint64)
         self.texts: list[str] = []
         self.vecs: list[np.ndarray] = []
         self.rows = 0
 
     def add(self, texts: list[str], vecs: np.ndarray) -> None:
         keys = text_hash(texts)
-        keep = [i for i, k in enumerate(keys.tolist()) if not (k in self.seen or self.seen.add(k))]
+        first = np.sort(np.unique(keys, return_index=True)[1])  # each key's first row in this batch
+        at = np.minimum(np.searchsorted(self.seen, keys[first]), max(len(self.seen) - 1, 0))
+        written = self.seen[at] == keys[first] if len(self.seen) else np.zeros(len(first), bool)
+        keep = first[~written].tolist()
+        self.seen = np.union1d(self.seen, keys[keep])
         self.texts += [texts[i] for i in keep]
         self.vecs.append(vecs[keep])
         if len(self.texts) >= ROWS_PER_PART:

@@ -87,12 +87,13 @@ def run_train_data(run: RunDir) -> TrainData:
 
 
 def evaluate_run(run_path: str | Path, test: HeldOut | None = None, source: str | None = None,
-                 fitted: dict[str, list[Predictor]] | None = None) -> dict:
+                 fitted: dict[str, list[Predictor]] | None = None, baselines: str | None = None) -> dict:
     """The comparison report for a run: on its own test split (a seeded sample of
     `eval_questions` of them when there are more, ranked against every test answer), or on
     `test` (from another file).
 
-    `fitted` are baselines already fit on the run's training split (a sweep fits them once)."""
+    `fitted` are baselines already fit on the run's training split (a sweep fits them once);
+    `baselines` chooses which to fit (see parse_baselines), the run's config's by default."""
     run = RunDir(run_path)
     run.require("model", "split.json", "teacher.json", "config.yaml")
     teacher, _ = run.teacher()
@@ -105,9 +106,9 @@ def evaluate_run(run_path: str | Path, test: HeldOut | None = None, source: str 
         total = split.count("test")
         test = split.held_out("test", questions=cfg.eval_questions, seed=cfg.data.seed)
     val = split.held_out("val", questions=cfg.val_questions, seed=cfg.data.seed)
-    baselines = score_baselines(fitted, train.centering, test) if fitted else None
-    report = compare(model, train, val, test, seeds=cfg.baseline_seeds, baselines=baselines, which=cfg.baselines,
-                     recipe=MLPRecipe(threads=cfg.baseline_threads))
+    scored = score_baselines(fitted, train.centering, test) if fitted else None
+    report = compare(model, train, val, test, seeds=cfg.baseline_seeds, baselines=scored,
+                     which=baselines or cfg.baselines, recipe=MLPRecipe(threads=cfg.baseline_threads))
     report["evaluated_on"] = source or f"{split.root} (test split)"
     if total is not None and total > len(test):
         report["n_questions_in_split"] = total
